@@ -1,0 +1,39 @@
+# `make run` and `make test` do all the set-up themselves: virtualenv, pinned packages, data.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test data lock compile clean
+
+run: data
+	$(BIN)/dudch run
+
+test: data
+	$(BIN)/pytest -q
+
+data: $(INSTALLED)
+	$(BIN)/dudch data openclipart
+
+compile: $(INSTALLED)
+	$(BIN)/dudch compile
+
+# torch first and alone: pip takes the CPU build from this machine's disk, and the lock
+# (which leaves torch out) then finds it satisfied instead of pulling in CUDA libraries.
+$(INSTALLED): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# Re-resolve the pins (slow: minutes) after changing dependencies in pyproject.toml.
+lock:
+	rm -rf /tmp/dudch-lock && $(PYTHON) -m venv /tmp/dudch-lock
+	/tmp/dudch-lock/bin/pip install -q torch==2.13.0
+	/tmp/dudch-lock/bin/pip install -q -e '.[test]'
+	{ sed -n '1,2p' requirements.lock; /tmp/dudch-lock/bin/pip freeze --exclude torch --exclude dudch | grep -v '^-e' | sort -f; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) .dudch mlruns mlartifacts mlflow.db

@@ -1,0 +1,41 @@
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components import component
+
+
+@component
+def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Model],
+             student: Input[Model], bits: int, mlflow_parent_run_id: str,
+             metrics: Output[Metrics], results: Output[Artifact]):
+    """mAP@all and mAP@50 (I->T, T->I) of teacher and student, precision-recall and
+    precision@top-R plots. The only stage that reads `labels`."""
+    import json
+    import os
+
+    import mlflow
+    import numpy as np
+
+    from components.tracking import stage_run
+    from dudch import nets, prepare
+    from dudch.evaluate import evaluate as run_evaluation
+    from dudch.evaluate import plot_curves
+
+    feature_data = prepare.load(os.path.join(features.path, "features.npz"),
+                                expect=("image", "text", "query", "database"))
+    label_data = prepare.load(os.path.join(labels.path, "labels.npz"), expect=("labels",))
+    teacher_nets, _ = nets.load(os.path.join(teacher.path, "model.pt"))
+    student_nets, _ = nets.load(os.path.join(student.path, "model.pt"))
+    with np.load(os.path.join(student.path, "codes.npz")) as saved:
+        codes = saved["codes"]
+    with stage_run(mlflow_parent_run_id, "evaluate", bits):
+        rows, curves = run_evaluation(feature_data, label_data, teacher_nets, student_nets, codes, bits)
+        for row in rows:
+            for name in ("map_all", "map_50"):
+                key = f"{row['method']}.{row['direction']}.{name}"
+                mlflow.log_metric(key, row[name])
+                metrics.log_metric(key, row[name])
+        for name, figure in plot_curves(curves, bits).items():
+            mlflow.log_figure(figure, f"plots/{name}_{bits}bits.png")
+        mlflow.log_dict({"results": rows}, "results.json")
+    with open(results.path, "w") as f:
+        json.dump(rows, f, indent=2)

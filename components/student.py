@@ -1,0 +1,44 @@
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import component
+
+
+@component
+def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: int,
+                  outer_iterations: int, inner_epochs: int, omega_size: int, batch_size: int,
+                  gamma: float, lr: float, seed: int, mlflow_parent_run_id: str,
+                  student: Output[Model]):
+    """Asymmetric networks + DCC against the reconstructed similarity -> `student` (model.pt and
+    codes.npz: the database codes B, exactly +-1, with the database item ids)."""
+    import os
+    from dataclasses import asdict
+
+    import mlflow
+    import numpy as np
+
+    from components.tracking import log_torch_model, stage_run
+    from dudch import nets, prepare
+    from dudch.similarity import SimilarityGraph
+    from dudch.storage import save_npz
+    from dudch.student import StudentConfig, fit
+
+    config = StudentConfig(bits=bits, outer_iterations=outer_iterations, inner_epochs=inner_epochs,
+                           omega_size=omega_size, batch_size=batch_size, gamma=gamma, lr=lr, seed=seed)
+    data = prepare.load(os.path.join(features.path, "features.npz"),
+                        expect=("image", "text", "database", "train", "item_id"))
+    database = data["database"]
+    graph = SimilarityGraph.load(os.path.join(similarity.path, "graph.npz"))
+    with stage_run(mlflow_parent_run_id, "student", bits, params=asdict(config)):
+        def log_iteration(iteration, loss, objective, seconds):
+            mlflow.log_metrics({"network_loss": loss, "objective": objective,
+                                "iteration_time_s": seconds}, step=iteration)
+            print(f"student {bits} bits: iteration {iteration + 1}/{outer_iterations} "
+                  f"loss {loss:.4f} objective {objective:.4f} ({seconds:.2f}s)", flush=True)
+
+        train_rows = np.searchsorted(database, data["train"])
+        trained, codes = fit(data["image"][database], data["text"][database], train_rows, graph,
+                             config, on_iteration=log_iteration)
+        os.makedirs(student.path, exist_ok=True)
+        nets.save(os.path.join(student.path, "model.pt"), trained, config)
+        save_npz(os.path.join(student.path, "codes.npz"), codes=codes, item_id=data["item_id"][database])
+        log_torch_model(trained, "student")

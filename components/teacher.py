@@ -1,0 +1,33 @@
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import component
+
+
+@component
+def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: int, beta: float,
+                  eta: float, mu: float, lambda1: float, lambda2: float, lr_image: float,
+                  lr_text: float, seed: int, mlflow_parent_run_id: str, teacher: Output[Model]):
+    """DJSRH on the training subset's image/text features -> `teacher` (model.pt)."""
+    import os
+    from dataclasses import asdict
+
+    import mlflow
+
+    from components.tracking import log_torch_model, stage_run
+    from dudch import nets, prepare
+    from dudch.teacher import TeacherConfig, fit
+
+    config = TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
+                           mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
+                           lr_text=lr_text, seed=seed)
+    data = prepare.load(os.path.join(features.path, "features.npz"), expect=("image", "text", "train"))
+    train = data["train"]
+    with stage_run(mlflow_parent_run_id, "teacher", bits, params=asdict(config)):
+        def log_epoch(epoch, loss, seconds):
+            mlflow.log_metrics({"loss": loss, "epoch_time_s": seconds}, step=epoch)
+            print(f"teacher {bits} bits: epoch {epoch + 1}/{epochs} loss {loss:.5f} ({seconds:.2f}s)", flush=True)
+
+        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch)
+        os.makedirs(teacher.path, exist_ok=True)
+        nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
+        log_torch_model(trained, "teacher")

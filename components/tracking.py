@@ -1,0 +1,37 @@
+"""MLflow for the stages: each stage (and bit length) logs one child run under the pipeline's
+parent run. The tracking URI comes from MLFLOW_TRACKING_URI, set by `dudch run` locally and by
+a config map on a cluster."""
+
+import contextlib
+import time
+
+import mlflow
+
+STAGE_TAG = "dudch.stage"
+BITS_TAG = "dudch.bits"
+
+
+@contextlib.contextmanager
+def stage_run(parent_run_id, stage, bits=None, params=None):
+    """Start a child run of `parent_run_id` named after the stage; log `params` on entry and
+    the stage's wall time on exit. Yields the active run."""
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    name = f"{stage}-{bits}bits" if bits else stage
+    tags = {STAGE_TAG: stage, **({BITS_TAG: str(bits)} if bits else {})}
+    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name,
+                          parent_run_id=parent_run_id, tags=tags) as run:
+        if params:
+            mlflow.log_params(params)
+        started = time.perf_counter()
+        yield run
+        mlflow.log_metric("stage_wall_time_s", time.perf_counter() - started)
+
+
+def log_torch_model(nets, name):
+    """Log networks as an MLflow PyTorch model. Requirements are given rather than inferred:
+    inference would import and run the model in a subprocess, slow and fragile."""
+    import mlflow.pytorch
+    import torch
+
+    mlflow.pytorch.log_model(nets, name=name, serialization_format="pickle",
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dudch"])

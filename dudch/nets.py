@@ -1,0 +1,72 @@
+"""The hashing networks shared by teacher and student, their persistence, and `sign`."""
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from dudch import DudchError
+
+
+class HashNets(nn.Module):
+    """An image and a text hashing network, returning continuous hash-layer outputs h."""
+
+    def __init__(self, image_dim, text_dim, bits, text_hidden=4096, image_hidden=0):
+        super().__init__()
+        self.dims = dict(image_dim=image_dim, text_dim=text_dim, bits=bits,
+                         text_hidden=text_hidden, image_hidden=image_hidden)
+        self.image = (nn.Linear(image_dim, bits) if not image_hidden else
+                      nn.Sequential(nn.Linear(image_dim, image_hidden), nn.ReLU(),
+                                    nn.Linear(image_hidden, bits)))
+        self.text = nn.Sequential(nn.Linear(text_dim, text_hidden), nn.ReLU(),
+                                  nn.Linear(text_hidden, bits))
+
+    def forward(self, image, text):
+        return self.image(image), self.text(text)
+
+
+def check_pairs(image, text):
+    """Validate a pair of feature matrices: 2-D, same row count, finite. Returns float32 arrays."""
+    image, text = np.asarray(image, dtype=np.float32), np.asarray(text, dtype=np.float32)
+    if image.ndim != 2 or text.ndim != 2:
+        raise DudchError(f"features must be 2-D (items x dims), got image {image.shape} and text "
+                         f"{text.shape}; rerun the prepare stage")
+    if len(image) != len(text):
+        raise DudchError(f"{len(image)} image rows but {len(text)} text rows: the modalities "
+                         f"must pair row by row; rerun the prepare stage")
+    for name, array in (("image", image), ("text", text)):
+        if not np.isfinite(array).all():
+            raise DudchError(f"{name} features contain NaN or infinite values; fix the input "
+                             f"data and rerun the prepare stage")
+    return image, text
+
+
+@torch.no_grad()
+def hash_outputs(nets, image, text, batch_size=4096):
+    """Continuous hash-layer outputs (h_image, h_text), float32 arrays (n, bits) each."""
+    image, text = check_pairs(image, text)
+    outputs = [nets(torch.from_numpy(image[s:s + batch_size]), torch.from_numpy(text[s:s + batch_size]))
+               for s in range(0, len(image), batch_size)]
+    return tuple(torch.cat([o[m] for o in outputs]).numpy() for m in (0, 1))
+
+
+def sign(values):
+    """Binary codes in {-1, +1} (int8); zero maps to +1 so that every bit is decided."""
+    return np.where(np.asarray(values) >= 0, 1, -1).astype(np.int8)
+
+
+def save(path, nets, config):
+    """Write the networks and the config (a dataclass) that trained them."""
+    torch.save(dict(dims=nets.dims, state_dict=nets.state_dict(), config=asdict(config)), path)
+
+
+def load(path):
+    """(HashNets in eval mode, config dict) from a file written by `save`."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise DudchError(f"cannot load model {path} ({error}); rerun the stage that trains it") from None
+    nets = HashNets(**saved["dims"])
+    nets.load_state_dict(saved["state_dict"])
+    return nets.eval(), saved["config"]

@@ -1,0 +1,185 @@
+"""Stage 1: turn the raw OpenClipart tree into features, a split, and (separately) labels.
+
+Outputs two things on purpose. `features` (image features, text bag-of-words, item ids, the
+split) is all that training ever reads. `labels` (category multi-hot rows and the file paths,
+which name the categories) is read by evaluation alone.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dudch import DudchError, openclipart
+from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, ImageEncoder, bag_of_words, render_svg
+from dudch.storage import save_npz
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    seed: int = 0
+    max_items: int = 0  # 0: all; else the first N labelled items by content hash (a fixed subset)
+    min_word_count: int = 5  # a tag word enters the vocabulary when this many drawings use it
+    min_label_size: int = 30  # a category folder becomes a label when it holds this many drawings
+    image_size: int = 224
+    query_fraction: float = 0.15  # DJSRH: 2,000 queries of ~20,000; scaled down, capped at 2,000
+    train_fraction: float = 0.6  # of the database; DJSRH: 5,000, the cap
+    validation_fraction: float = 0.15  # of all items, from the database outside the training set
+    batch_size: int = 64
+
+
+def prepare(raw_root, cache_dir, config=PrepareConfig(), progress=True):
+    """Build the dataset from the SVG tree at `raw_root`.
+
+    Returns (features, labels, info): two dicts of numpy arrays and a JSON-able summary.
+      features: image float32 (n, 1280); text float32 (n, V); item_id str (n,);
+                query, database, train, validation int64 index arrays into the n items.
+      labels:   labels uint8 (n, L); label_names str (L,); path str (n,).
+    Image features are cached in `cache_dir` by (the items' content hashes, extractor
+    settings), so a rerun on the same data does not render or encode again.
+    """
+    drawings = openclipart.scan(raw_root)
+    items = _merge_duplicates(drawings)
+    label_names = _label_names(items, config.min_label_size)
+    label_index = {name: j for j, name in enumerate(label_names)}
+    items = [it for it in items if any(c in label_index for c in it["categories"])]
+    if config.max_items:
+        items = items[:config.max_items]
+    warnings = []
+
+    image, rendered = _image_features(raw_root, items, cache_dir, config, progress)
+    if not rendered.all():
+        warnings.append(f"{int((~rendered).sum())} drawings could not be rendered and were left out")
+        items = [it for it, ok in zip(items, rendered) if ok]
+        image = image[rendered]
+
+    text, vocabulary = bag_of_words([it["tags"] for it in items], config.min_word_count,
+                                    drop_words=openclipart.folder_words(d.path for d in drawings))
+    empty_text = int((text.sum(axis=1) == 0).sum())
+    if empty_text:
+        warnings.append(f"{empty_text} drawings have no tag word in the vocabulary (all-zero text)")
+
+    labels = np.zeros((len(items), len(label_names)), dtype=np.uint8)
+    for i, it in enumerate(items):
+        labels[i, [label_index[c] for c in it["categories"] if c in label_index]] = 1
+
+    split = make_split(len(items), config)
+    _check_finite(image=image, text=text)
+    features = dict(image=image, text=text, item_id=np.array([it["sha1"] for it in items]), **split)
+    label_data = dict(labels=labels, label_names=np.array(label_names),
+                      path=np.array([it["paths"][0] for it in items]))
+    info = dict(dataset="openclipart", items=len(items), image_dim=int(image.shape[1]),
+                text_dim=len(vocabulary), num_labels=len(label_names),
+                split={k: len(v) for k, v in split.items()}, warnings=warnings,
+                config=asdict(config), vocabulary_head=vocabulary[:20])
+    return features, label_data, info
+
+
+def _merge_duplicates(drawings):
+    """One item per distinct file content; a file found in several folders gets all their
+    categories and the union of its tags. Sorted by content hash."""
+    merged = {}
+    for d in drawings:
+        item = merged.setdefault(d.sha1, dict(sha1=d.sha1, paths=[], tags=[], categories=[]))
+        item["paths"].append(d.path)
+        item["tags"] += [t for t in d.tags if t not in item["tags"]]
+        item["categories"] += [c for c in openclipart.categories(d.path) if c not in item["categories"]]
+    return [merged[k] for k in sorted(merged)]
+
+
+def _label_names(items, min_size):
+    counts = {}
+    for it in items:
+        for c in it["categories"]:
+            counts[c] = counts.get(c, 0) + 1
+    return sorted(c for c, n in counts.items() if n >= min_size)
+
+
+def make_split(n, config):
+    """Seeded DJSRH-style split, scaled to n: queries, the database (all the rest), a training
+    subset of the database, and a validation subset of the database disjoint from the
+    queries and from the training subset. Index arrays are sorted."""
+    if n < 10:
+        raise DudchError(f"only {n} usable items: too few to split; use more data (--max-items)")
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n)
+    n_query = max(1, min(2000, round(config.query_fraction * n)))
+    database = order[n_query:]
+    n_train = max(1, min(5000, round(config.train_fraction * len(database))))
+    n_val = max(1, min(2000, round(config.validation_fraction * n), len(database) - n_train))
+    return dict(query=np.sort(order[:n_query]), database=np.sort(database),
+                train=np.sort(database[:n_train]),
+                validation=np.sort(database[n_train:n_train + n_val]))
+
+
+def _image_features(raw_root, items, cache_dir, config, progress):
+    """(features float32 (n, 1280), rendered bool (n,)), from the cache when it has them."""
+    key_source = json.dumps(dict(items=[it["sha1"] for it in items], extractor=IMAGE_EXTRACTOR,
+                                 size=config.image_size, normalisation="[-1,1]"))
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
+    cache = Path(cache_dir) / f"image-features-{key}.npz"
+    if cache.exists():
+        with np.load(cache) as cached:
+            return cached["features"], cached["rendered"]
+
+    from tqdm import tqdm
+
+    encoder = ImageEncoder()
+    features = np.zeros((len(items), IMAGE_FEATURE_DIM), dtype=np.float32)
+    rendered = np.zeros(len(items), dtype=bool)
+    bar = tqdm(total=len(items), desc="render + encode images", unit="img", disable=not progress)
+    for start in range(0, len(items), config.batch_size):
+        batch, rows = [], []
+        for i in range(start, min(start + config.batch_size, len(items))):
+            pixels = render_svg(Path(raw_root) / items[i]["paths"][0], config.image_size)
+            if pixels is not None:
+                batch.append(pixels)
+                rows.append(i)
+        if batch:
+            features[rows] = encoder.encode(np.stack(batch))
+            rendered[rows] = True
+        bar.update(min(config.batch_size, len(items) - start))
+    bar.close()
+    save_npz(cache, features=features, rendered=rendered)
+    return features, rendered
+
+
+def _check_finite(**arrays):
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise DudchError(f"{name} features contain NaN or infinite values; check the input "
+                             f"data or delete the feature cache and rerun")
+
+
+def save(directory, features=None, labels=None, info=None):
+    """Write whichever of the three outputs are given into `directory` (atomically each)."""
+    from dudch.storage import save_json
+
+    directory = Path(directory)
+    if features is not None:
+        save_npz(directory / "features.npz", **features)
+    if labels is not None:
+        save_npz(directory / "labels.npz", **labels)
+    if info is not None:
+        save_json(directory / "info.json", info)
+
+
+def load(path, expect):
+    """Load `features.npz` or `labels.npz` from an artifact folder, checking its keys.
+
+    `expect` is the tuple of keys the caller needs; a missing file or key is a DudchError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DudchError(f"{path} not found; rerun the prepare stage")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as error:
+        raise DudchError(f"cannot read {path} ({error}); rerun the prepare stage") from None
+    missing = [k for k in expect if k not in arrays]
+    if missing:
+        raise DudchError(f"{path} lacks {', '.join(missing)}; rerun the prepare stage")
+    return arrays

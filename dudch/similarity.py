@@ -1,0 +1,113 @@
+"""Stage 3: reconstruct a symmetric binary similarity matrix from the teacher (the distilled
+knowledge that replaces manual labels).
+
+The joint cosine similarity across both modalities,
+    S^ = (cos(H_I,H_I) + cos(H_T,H_T) + cos(H_I,H_T) + cos(H_T,H_I)) / 4,
+is an inner product: with z = (h_I/|h_I| + h_T/|h_T|) / 2, S^_ij = z_i . z_j. So the n x n
+matrix is never built: the graph keeps Z (n x k) plus one threshold per row, and produces
+any block of rows of S in {-1, +1} on demand, in chunks. Binarisation rules, each symmetric
+by construction:
+  mutual_knn: S_ij = +1 iff j is among i's k nearest and i among j's (s >= max(t_i, t_j));
+  union_knn:  S_ij = +1 iff either is among the other's k nearest    (s >= min(t_i, t_j));
+  quantile:   S_ij = +1 iff s >= t, the (1 - q) quantile of S^ over a seeded sample of pairs.
+t_i is the k-th largest entry of row i of S^ (i itself included).
+"""
+
+import numpy as np
+
+from dudch import DudchError
+
+RULES = ("mutual_knn", "union_knn", "quantile")
+
+
+def joint_embedding(h_image, h_text):
+    """z = (normalise(h_image) + normalise(h_text)) / 2, float32 (n, k): S^ = Z Z^T."""
+    def unit(h):
+        h = np.asarray(h, dtype=np.float32)
+        return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+
+    if np.shape(h_image) != np.shape(h_text):
+        raise DudchError(f"teacher outputs differ in shape: image {np.shape(h_image)}, text "
+                         f"{np.shape(h_text)}; retrain the teacher")
+    return (unit(h_image) + unit(h_text)) / 2
+
+
+class SimilarityGraph:
+    """Symmetric binary similarity over n items, computed in row chunks.
+
+    z: float32 (n, k) joint embedding; rule in RULES; parameter: neighbours k for the kNN
+    rules (an int >= 1), the fraction q of similar pairs for `quantile` (0 < q < 1).
+    """
+
+    def __init__(self, z, rule="mutual_knn", parameter=50, chunk_rows=512, seed=0):
+        if rule not in RULES:
+            raise DudchError(f"unknown similarity rule {rule!r}; use one of {', '.join(RULES)}")
+        self.z = np.ascontiguousarray(z, dtype=np.float32)
+        self.rule, self.parameter, self.chunk_rows = rule, parameter, chunk_rows
+        n = len(self.z)
+        if rule == "quantile":
+            if not 0 < parameter < 1:
+                raise DudchError(f"quantile needs a fraction in (0, 1), got {parameter}")
+            rng = np.random.default_rng(seed)
+            i, j = rng.integers(0, n, 200_000), rng.integers(0, n, 200_000)
+            scores = np.einsum("ij,ij->i", self.z[i], self.z[j])
+            self.thresholds = np.full(n, np.quantile(scores, 1 - parameter), dtype=np.float32)
+        else:
+            k = int(parameter)
+            if not 1 <= k <= n:
+                raise DudchError(f"{rule} needs 1 <= neighbours <= {n} items, got {parameter}")
+            self.thresholds = np.empty(n, dtype=np.float32)
+            for start in range(0, n, chunk_rows):
+                block = self.z[start:start + chunk_rows] @ self.z.T
+                self.thresholds[start:start + chunk_rows] = -np.partition(-block, k - 1, axis=1)[:, k - 1]
+
+    def __len__(self):
+        return len(self.z)
+
+    def rows(self, index):
+        """S[index, :] as int8 (len(index), n) in {-1, +1}."""
+        index = np.asarray(index)
+        out = np.empty((len(index), len(self.z)), dtype=np.int8)
+        for start in range(0, len(index), self.chunk_rows):
+            rows = index[start:start + self.chunk_rows]
+            scores = self.z[rows] @ self.z.T
+            t_row, t_col = self.thresholds[rows][:, None], self.thresholds[None, :]
+            if self.rule == "mutual_knn":
+                similar = scores >= np.maximum(t_row, t_col)
+            elif self.rule == "union_knn":
+                similar = scores >= np.minimum(t_row, t_col)
+            else:
+                similar = scores >= t_row
+            out[start:start + len(rows)] = np.where(similar, 1, -1)
+        return out
+
+    def density(self, sample_rows=1000, seed=0):
+        """Fraction of +1 entries, estimated on a seeded sample of rows."""
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(len(self.z), size=min(sample_rows, len(self.z)), replace=False)
+        return float((self.rows(rows) > 0).mean())
+
+    def save(self, path):
+        from dudch.storage import save_npz
+
+        save_npz(path, z=self.z, thresholds=self.thresholds, rule=np.array(self.rule),
+                 parameter=np.array(self.parameter, dtype=np.float64))
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with np.load(path) as saved:
+                graph = cls.__new__(cls)
+                graph.z, graph.thresholds = saved["z"], saved["thresholds"]
+                graph.rule, graph.parameter = str(saved["rule"]), float(saved["parameter"])
+        except (OSError, KeyError, ValueError) as error:
+            raise DudchError(f"cannot read similarity graph {path} ({error}); rerun the "
+                             f"similarity stage") from None
+        graph.chunk_rows = 512
+        return graph
+
+
+def default_neighbours(n):
+    """A neighbourhood of 5% of the items (at least 10): wide enough to connect items that share
+    a category, narrow enough to keep the graph informative."""
+    return max(10, round(0.05 * n))

@@ -1,0 +1,133 @@
+"""Stage 4: the student, asymmetric deep hashing with discrete cyclic coordinate descent (DCC),
+ADSH (Jiang & Li, AAAI 2018) extended to two modalities, supervised by the reconstructed
+similarity S in {-1, +1} instead of labels.
+
+Query networks u_i = tanh(g_I(x_i)), v_i = tanh(g_T(y_i)); database codes B in {-1,+1}^{n x k},
+one row per database item, shared by its image and text. Over a sampled Omega (m rows of the
+training subset, resampled each outer iteration):
+    J = ||U B^T - k S_Omega||^2 + ||V B^T - k S_Omega||^2 + gamma (||B_Omega - U||^2 + ||B_Omega - V||^2)
+Alternate (a) B fixed: train g_I, g_T by SGD on J; (b) networks fixed: for each bit column c,
+    Q = -2k S_Omega^T (U + V) - 2 gamma (U_bar + V_bar)        (n x k; U_bar: U in Omega's rows)
+    B_c = -sign(2 B^_c (U^_c^T U_c + V^_c^T V_c) + Q_c)        (X^_c: X without column c)
+which is the exact minimiser of J over column c with the others fixed (terms ||B_c||^2 = n
+are constant), so no DCC sweep increases J. A zero argument keeps the current bit, so B
+stays exactly +-1. As in ADSH, B starts random and one DCC sweep follows each network phase.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dudch import DudchError
+from dudch.nets import HashNets, check_pairs
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    bits: int = 64
+    outer_iterations: int = 30  # ADSH: 50 on ~20k items
+    inner_epochs: int = 3  # ADSH: 3
+    omega_size: int = 2000  # ADSH: 2,000 (capped at the training subset's size)
+    batch_size: int = 64
+    gamma: float = 200.0  # ADSH: 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    image_hidden: int = 1024
+    text_hidden: int = 4096
+    seed: int = 0
+
+
+def objective(u, v, codes, similarity, omega, gamma):
+    """J above, in float64. u, v: (m, k); codes: (n, k) in {-1,+1}; similarity: (m, n); omega:
+    the m database rows that u and v belong to."""
+    k = codes.shape[1]
+    b, s = codes.astype(np.float64), similarity.astype(np.float64)
+    fit = ((u @ b.T - k * s) ** 2).sum() + ((v @ b.T - k * s) ** 2).sum()
+    return float(fit + gamma * (((b[omega] - u) ** 2).sum() + ((b[omega] - v) ** 2).sum()))
+
+
+def dcc_sweep(codes, u, v, similarity, omega, gamma):
+    """One DCC sweep over all k bit columns; returns the new codes (int8, exactly +-1).
+
+    codes: (n, k) int8; u, v: (m, k) float; similarity: (m, n) int8 in {-1,+1}; omega: (m,) rows.
+    """
+    n, k = codes.shape
+    b = codes.astype(np.float64)
+    u, v = u.astype(np.float64), v.astype(np.float64)
+    u_bar, v_bar = np.zeros((n, k)), np.zeros((n, k))
+    u_bar[omega], v_bar[omega] = u, v
+    q = -2.0 * k * (similarity.T.astype(np.float64) @ (u + v)) - 2.0 * gamma * (u_bar + v_bar)
+    for c in range(k):
+        rest = np.arange(k) != c
+        grad = 2.0 * b[:, rest] @ (u[:, rest].T @ u[:, c] + v[:, rest].T @ v[:, c]) + q[:, c]
+        b[:, c] = np.where(grad > 0, -1.0, np.where(grad < 0, 1.0, b[:, c]))
+    return b.astype(np.int8)
+
+
+def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=None, device="cpu"):
+    """Train the student on the database.
+
+    image: float32 (n, d_image), text: float32 (n, d_text): the database items, row j of both
+    being item j; train_rows: rows of the training subset (Omega is drawn from them); graph:
+    a SimilarityGraph over the same n items. Labels are not an input.
+    on_iteration(iteration, network_loss, objective_after_dcc, seconds) after each iteration.
+    Returns (HashNets in eval mode on the CPU, codes int8 (n, bits) in {-1, +1}).
+    """
+    image, text = check_pairs(image, text)
+    if len(graph) != len(image):
+        raise DudchError(f"similarity graph covers {len(graph)} items but the database has "
+                         f"{len(image)}; rerun the similarity stage on this dataset")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    k, n = config.bits, len(image)
+    nets = HashNets(image.shape[1], text.shape[1], k, config.text_hidden, config.image_hidden).to(device)
+    optimiser = torch.optim.Adam(nets.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    codes = np.where(rng.standard_normal((n, k)) >= 0, 1, -1).astype(np.int8)
+    x_i, x_t = torch.from_numpy(image).to(device), torch.from_numpy(text).to(device)
+    train_rows = np.asarray(train_rows)
+    m = min(config.omega_size, len(train_rows))
+
+    for iteration in range(config.outer_iterations):
+        started = time.perf_counter()
+        omega = np.sort(rng.choice(train_rows, size=m, replace=False))
+        s_omega = graph.rows(omega)
+        network_loss = _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rng, device)
+        u, v = _outputs(nets, x_i, x_t, omega)
+        codes = dcc_sweep(codes, u, v, s_omega, omega, config.gamma)
+        if on_iteration:
+            value = objective(u, v, codes, s_omega, omega, config.gamma) / (m * n)
+            on_iteration(iteration, network_loss, value, time.perf_counter() - started)
+    return nets.cpu().eval(), codes
+
+
+def _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rng, device):
+    k, n = config.bits, len(codes)
+    b = torch.from_numpy(codes.astype(np.float32)).to(device)
+    s = torch.from_numpy(s_omega.astype(np.float32)).to(device)
+    omega_t = torch.from_numpy(omega).to(device)
+    nets.train()
+    total, batches = 0.0, 0
+    for _ in range(config.inner_epochs):
+        for batch in np.array_split(rng.permutation(len(omega)), max(1, len(omega) // config.batch_size)):
+            pos = torch.from_numpy(batch).to(device)
+            rows = omega_t[pos]
+            h_i, h_t = nets(x_i[rows], x_t[rows])
+            u, v = torch.tanh(h_i), torch.tanh(h_t)
+            target = k * s[pos]
+            loss = (((u @ b.T - target) ** 2).sum() + ((v @ b.T - target) ** 2).sum()
+                    + config.gamma * (((b[rows] - u) ** 2).sum() + ((b[rows] - v) ** 2).sum()))
+            loss = loss / (n * len(batch))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total, batches = total + loss.item(), batches + 1
+    return total / batches
+
+
+@torch.no_grad()
+def _outputs(nets, x_i, x_t, rows):
+    nets.eval()
+    h_i, h_t = nets(x_i[torch.from_numpy(rows)], x_t[torch.from_numpy(rows)])
+    return torch.tanh(h_i).cpu().numpy(), torch.tanh(h_t).cpu().numpy()

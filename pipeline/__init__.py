@@ -1,0 +1,1 @@
+"""The DUDCH Kubeflow pipeline and the `dudch` command line."""

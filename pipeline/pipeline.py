@@ -1,0 +1,68 @@
+"""The DUDCH pipeline: prepare once, then per bit length teacher -> similarity -> student ->
+evaluate. Every default comes from the `dudch` configs, so code and pipeline agree."""
+
+from typing import List
+
+from kfp import dsl
+
+from components.evaluate import evaluate
+from components.prepare import prepare_data
+from components.similarity import reconstruct_similarity
+from components.student import train_student
+from components.teacher import train_teacher
+from dudch.prepare import PrepareConfig
+from dudch.student import StudentConfig
+from dudch.teacher import TeacherConfig
+
+T, S, P = TeacherConfig, StudentConfig, PrepareConfig
+
+
+@dsl.pipeline(name="dudch", description="Unsupervised cross-modal hashing by knowledge distillation (DUDCH)")
+def dudch_pipeline(
+    raw_data: str,
+    cache_dir: str,
+    mlflow_parent_run_id: str,
+    bits: List[int] = [16, 32, 64, 128],
+    seed: int = P.seed,
+    max_items: int = P.max_items,
+    min_word_count: int = P.min_word_count,
+    min_label_size: int = P.min_label_size,
+    teacher_epochs: int = T.epochs,
+    teacher_batch_size: int = T.batch_size,
+    beta: float = T.beta,
+    eta: float = T.eta,
+    mu: float = T.mu,
+    lambda1: float = T.lambda1,
+    lambda2: float = T.lambda2,
+    lr_image: float = T.lr_image,
+    lr_text: float = T.lr_text,
+    similarity_rule: str = "mutual_knn",
+    similarity_parameter: float = 0.0,
+    student_outer_iterations: int = S.outer_iterations,
+    student_inner_epochs: int = S.inner_epochs,
+    omega_size: int = S.omega_size,
+    student_batch_size: int = S.batch_size,
+    gamma: float = S.gamma,
+    student_lr: float = S.lr,
+):
+    prepared = prepare_data(raw_data=raw_data, cache_dir=cache_dir, seed=seed, max_items=max_items,
+                            min_word_count=min_word_count, min_label_size=min_label_size,
+                            mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
+    features = prepared.outputs["features"]
+    with dsl.ParallelFor(bits) as k:
+        teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
+                                batch_size=teacher_batch_size, beta=beta, eta=eta, mu=mu,
+                                lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
+                                lr_text=lr_text, seed=seed,
+                                mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
+        similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"],
+                                            rule=similarity_rule, parameter=similarity_parameter,
+                                            mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("reconstruct similarity")
+        student = train_student(features=features, similarity=similarity.outputs["similarity"], bits=k,
+                                outer_iterations=student_outer_iterations,
+                                inner_epochs=student_inner_epochs, omega_size=omega_size,
+                                batch_size=student_batch_size, gamma=gamma, lr=student_lr, seed=seed,
+                                mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("student (DCC)")
+        evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],
+                 student=student.outputs["student"], bits=k,
+                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("evaluate")

@@ -1,0 +1,122 @@
+"""MLflow for whole pipeline runs: the store, the parent run, and reading results back."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from dudch import DudchError
+
+EXPERIMENT = "dudch"
+KIND_TAG = "dudch.kind"
+RESULT_METHODS = ("teacher", "student")  # what `report` and the results table show
+
+
+def tracking_uri(root):
+    """MLFLOW_TRACKING_URI when set, else a sqlite file in the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def connect(root):
+    """Point MLflow (this process and the stages it starts) at the store, check that it answers,
+    and return the experiment id. One-line DudchError when it cannot be reached."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        # A local sqlite store keeps its artifacts in a folder beside the database file.
+        artifacts = ((Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+                     if uri.startswith("sqlite:///") else None)
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    except Exception as error:  # MLflow raises many types for a broken store
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise DudchError(f"cannot use the MLflow store {uri} ({reason}); fix MLFLOW_TRACKING_URI "
+                         f"or unset it to use the local sqlite store") from None
+
+
+def _check_server(uri):
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as error:
+        reason = type(error).__name__
+        raise DudchError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+                         f"(see mlflow/README.md) or unset MLFLOW_TRACKING_URI to use the local "
+                         f"sqlite store") from None
+
+
+def git_commit(root):
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def start_parent_run(experiment_id, params, dataset, data_version, commit):
+    """Create the pipeline's parent run (left open for the stages' child runs); returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=f"pipeline-{dataset}", tags={
+        KIND_TAG: "pipeline", "dudch.dataset": dataset, "dudch.data_version": data_version,
+        "mlflow.source.git.commit": commit, "mlflow.source.name": "dudch run"})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_param(run.info.run_id, "data_version", data_version)
+    return run.info.run_id
+
+
+def finish_parent_run(run_id, succeeded):
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+def latest_pipeline_run_id(experiment_id):
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise DudchError("no pipeline run in the MLflow store yet; run `dudch run` (or `make run`) first")
+    return runs[0].info.run_id
+
+
+def report(experiment_id, run_id=None):
+    """The results of one pipeline run (default: the latest), as the `report --json` object."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or latest_pipeline_run_id(experiment_id)
+    parent = client.get_run(run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`dudch.stage` = 'evaluate'")
+    results = []
+    for child in children:
+        bits = int(child.data.tags["dudch.bits"])
+        for method in RESULT_METHODS:
+            for direction in ("i2t", "t2i"):
+                prefix = f"{method}.{direction}."
+                if prefix + "map_all" in child.data.metrics:
+                    results.append(dict(method=method, bits=bits, direction=direction,
+                                        map_all=child.data.metrics[prefix + "map_all"],
+                                        map_50=child.data.metrics[prefix + "map_50"]))
+    results.sort(key=lambda r: (RESULT_METHODS.index(r["method"]), r["bits"], r["direction"]))
+    return dict(run_id=run_id, dataset=parent.data.tags.get("dudch.dataset"),
+                data_version=parent.data.tags.get("dudch.data_version"), status=parent.info.status,
+                results=results)
+
+
+def format_table(report_object):
+    """The results as a fixed-width text table: method x bits x direction."""
+    lines = [f"{'method':<10} {'bits':>4}  {'direction':<9} {'mAP@all':>8} {'mAP@50':>8}"]
+    for r in report_object["results"]:
+        lines.append(f"{r['method']:<10} {r['bits']:>4}  {r['direction']:<9} {r['map_all']:>8.4f} {r['map_50']:>8.4f}")
+    return "\n".join(lines)
