@@ -1,10 +1,14 @@
-"""Stage 5: evaluate teacher and student on the query set against the database.
+"""Stage 5: evaluate hashing methods on held-out queries against the database.
 
 Directions: i2t ranks the database's text-side codes for each image query; t2i ranks the
-image-side codes for each text query. Methods:
-  teacher            query sign(h_I) / sign(h_T); database the other modality's sign(h);
+image-side codes for each text query. Methods (each a {direction: (query codes, database
+codes)} built by a function below):
+  teacher            queries sign(h_I) / sign(h_T); database the other modality's sign(h);
   student            queries sign(u) / sign(v); database the DCC codes B (transductive);
-  student_inductive  as student, but database codes from the networks (items added later).
+  student_inductive  as student, but database codes from the networks (items added later);
+  cca_itq            the CCA-ITQ baseline's codes, inductive.
+Splits: "query" (the test protocol: queries vs the database) or "validation" (for tuning:
+validation items vs the database without them, so no item retrieves itself).
 """
 
 import numpy as np
@@ -17,45 +21,80 @@ TOP_K = 50  # DJSRH reports mAP@50
 PRECISION_CUTOFFS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
-def method_codes(features, teacher_nets, student_nets, student_codes):
-    """{method: {direction: (query codes, database codes)}}, all int8 in {-1, +1}."""
-    query, database = features["query"], features["database"]
-    image, text = features["image"], features["text"]
-
-    def both(nets, rows):
-        h_image, h_text = hash_outputs(nets, image[rows], text[rows])
-        return sign(h_image), sign(h_text)
-
-    t_qi, t_qt = both(teacher_nets, query)
-    t_di, t_dt = both(teacher_nets, database)
-    s_qi, s_qt = both(student_nets, query)
-    s_di, s_dt = both(student_nets, database)
-    return {
-        "teacher": {"i2t": (t_qi, t_dt), "t2i": (t_qt, t_di)},
-        "student": {"i2t": (s_qi, student_codes), "t2i": (s_qt, student_codes)},
-        "student_inductive": {"i2t": (s_qi, s_dt), "t2i": (s_qt, s_di)},
-    }
+def split_rows(features, split):
+    """(query rows, database rows, database mask): rows index the items; the mask selects the
+    database rows used, in the order of features['database']."""
+    database = features["database"]
+    if split == "query":
+        return features["query"], database, np.ones(len(database), dtype=bool)
+    if split == "validation":
+        mask = ~np.isin(database, features["validation"])
+        return features["validation"], database[mask], mask
+    raise ValueError(f"unknown split {split!r}: 'query' or 'validation'")
 
 
-def evaluate(features, labels, teacher_nets, student_nets, student_codes, bits):
+def network_codes(nets, features, rows):
+    """(image codes, text codes) of items `rows` from HashNets outputs."""
+    h_image, h_text = hash_outputs(nets, features["image"][rows], features["text"][rows])
+    return sign(h_image), sign(h_text)
+
+
+def cross_modal(query_rows, database_rows, encode):
+    """{direction: (query, database)} for an inductive encoder `encode(rows) -> (image, text)`."""
+    q_image, q_text = encode(query_rows)
+    d_image, d_text = encode(database_rows)
+    return {"i2t": (q_image, d_text), "t2i": (q_text, d_image)}
+
+
+def teacher_codes(teacher, features, split="query"):
+    query, database, _ = split_rows(features, split)
+    return cross_modal(query, database, lambda rows: network_codes(teacher, features, rows))
+
+
+def student_codes(student, database_codes, features, split="query"):
+    """The transductive ('student') and inductive ('student_inductive') variants."""
+    query, database, mask = split_rows(features, split)
+    q_image, q_text = network_codes(student, features, query)
+    inductive = cross_modal(query, database, lambda rows: network_codes(student, features, rows))
+    b = database_codes[mask]
+    return {"student": {"i2t": (q_image, b), "t2i": (q_text, b)}, "student_inductive": inductive}
+
+
+def cca_itq_codes(model, features, split="query"):
+    query, database, _ = split_rows(features, split)
+    encode = lambda rows: (model.encode_image(features["image"][rows]), model.encode_text(features["text"][rows]))
+    return cross_modal(query, database, encode)
+
+
+def score(codes_by_method, features, labels, bits, split="query", curves=True):
     """Returns (rows, curves).
 
+    codes_by_method: {method: {direction: (query codes, database codes)}}.
     rows: [{"method", "bits", "direction", "map_all", "map_50"}] for every method and direction.
-    curves: {method: {direction: {"pr": (precision, recall), "top": (cutoffs, precision)}}}.
+    curves: {method: {direction: {"pr": (precision, recall), "top": (cutoffs, precision)}}}
+    (empty when curves=False).
     """
-    query_labels = labels["labels"][features["query"]]
-    db_labels = labels["labels"][features["database"]]
-    cutoffs = np.array([c for c in PRECISION_CUTOFFS if c <= len(features["database"])])
-    rows, curves = [], {}
-    for method, by_direction in method_codes(features, teacher_nets, student_nets, student_codes).items():
+    query, database, _ = split_rows(features, split)
+    query_labels, db_labels = labels["labels"][query], labels["labels"][database]
+    cutoffs = np.array([c for c in PRECISION_CUTOFFS if c <= len(database)])
+    rows, all_curves = [], {}
+    for method, by_direction in codes_by_method.items():
         for direction, (q, b) in by_direction.items():
             rows.append(dict(method=method, bits=bits, direction=direction,
                              map_all=float(metrics.mean_average_precision(q, b, query_labels, db_labels)),
                              map_50=float(metrics.mean_average_precision(q, b, query_labels, db_labels, TOP_K))))
-            curves.setdefault(method, {})[direction] = dict(
-                pr=metrics.precision_recall_curve(q, b, query_labels, db_labels),
-                top=(cutoffs, metrics.precision_at_top(q, b, query_labels, db_labels, cutoffs)))
-    return rows, curves
+            if curves:
+                all_curves.setdefault(method, {})[direction] = dict(
+                    pr=metrics.precision_recall_curve(q, b, query_labels, db_labels),
+                    top=(cutoffs, metrics.precision_at_top(q, b, query_labels, db_labels, cutoffs)))
+    return rows, all_curves
+
+
+def evaluate(features, labels, teacher, student, database_codes, bits, split="query"):
+    """Teacher, student and student_inductive scored on `split`: (rows, curves) as `score`."""
+    codes = {"teacher": teacher_codes(teacher, features, split),
+             **student_codes(student, database_codes, features, split)}
+    return score(codes, features, labels, bits, split)
 
 
 def plot_curves(curves, bits):

@@ -70,3 +70,18 @@ def load(path):
     nets = HashNets(**saved["dims"])
     nets.load_state_dict(saved["state_dict"])
     return nets.eval(), saved["config"]
+
+
+@torch.no_grad()
+def hidden_features(nets, image, text, batch_size=4096):
+    """The activations feeding each branch's hash layer (its 'deep features'): float32 arrays
+    (n, hidden) per modality. A branch with no hidden layer returns its input features."""
+    image, text = check_pairs(image, text)
+
+    def below_hash_layer(branch, x):
+        if isinstance(branch, nn.Sequential):
+            return torch.cat([branch[:-1](torch.from_numpy(x[s:s + batch_size]))
+                              for s in range(0, len(x), batch_size)]).numpy()
+        return x
+
+    return below_hash_layer(nets.image, image), below_hash_layer(nets.text, text)

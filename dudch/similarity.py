@@ -11,6 +11,12 @@ by construction:
   union_knn:  S_ij = +1 iff either is among the other's k nearest    (s >= min(t_i, t_j));
   quantile:   S_ij = +1 iff s >= t, the (1 - q) quantile of S^ over a seeded sample of pairs.
 t_i is the k-th largest entry of row i of S^ (i itself included).
+
+Sources of the embedding (`embedding`): the teacher's hash-layer outputs (METHOD.md's formula
+above), its deep features (the activations below each hash layer: the frozen backbone features
+on the image side, the 4096-d hidden layer on the text side), both, or the raw input features
+(no teacher: the no-distillation ablation). Modalities in different spaces are concatenated,
+z = [x/|x|, y/|y|] / sqrt(2), so that S^ is the mean of the within-modality cosines.
 """
 
 import numpy as np
@@ -18,18 +24,41 @@ import numpy as np
 from dudch import DudchError
 
 RULES = ("mutual_knn", "union_knn", "quantile")
+SOURCES = ("hash", "deep", "both", "raw")
+GRID = 4096.0  # z in [-1, 1] -> integers in [-4096, 4096]
+
+
+def _unit(h):
+    h = np.asarray(h, dtype=np.float32)
+    return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+
+
+def _concatenated(*views):
+    return np.hstack([_unit(v) for v in views]) / np.sqrt(len(views))
+
+
+def embedding(source, image, text, teacher=None):
+    """The joint embedding z (float32, (n, d)) of paired items from `source` (one of SOURCES);
+    `teacher` (HashNets) is needed for every source but 'raw'."""
+    from dudch.nets import hash_outputs, hidden_features
+
+    if source not in SOURCES:
+        raise DudchError(f"unknown similarity source {source!r}; use one of {', '.join(SOURCES)}")
+    if source == "raw":
+        return _concatenated(image, text)
+    hashed = joint_embedding(*hash_outputs(teacher, image, text))
+    if source == "hash":
+        return hashed
+    deep = _concatenated(*hidden_features(teacher, image, text))
+    return deep if source == "deep" else _concatenated(hashed, deep)
 
 
 def joint_embedding(h_image, h_text):
     """z = (normalise(h_image) + normalise(h_text)) / 2, float32 (n, k): S^ = Z Z^T."""
-    def unit(h):
-        h = np.asarray(h, dtype=np.float32)
-        return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
-
     if np.shape(h_image) != np.shape(h_text):
         raise DudchError(f"teacher outputs differ in shape: image {np.shape(h_image)}, text "
                          f"{np.shape(h_text)}; retrain the teacher")
-    return (unit(h_image) + unit(h_text)) / 2
+    return (_unit(h_image) + _unit(h_text)) / 2
 
 
 class SimilarityGraph:
@@ -42,7 +71,9 @@ class SimilarityGraph:
     def __init__(self, z, rule="mutual_knn", parameter=50, chunk_rows=512, seed=0):
         if rule not in RULES:
             raise DudchError(f"unknown similarity rule {rule!r}; use one of {', '.join(RULES)}")
-        self.z = np.ascontiguousarray(z, dtype=np.float32)
+        # On an integer grid, inner products in float64 are exact sums of integers, so
+        # S^_ij == S^_ji bit for bit whatever the chunking: exact symmetry, not nearly.
+        self.z = np.round(np.asarray(z, dtype=np.float64) * GRID)
         self.rule, self.parameter, self.chunk_rows = rule, parameter, chunk_rows
         n = len(self.z)
         if rule == "quantile":
@@ -51,12 +82,12 @@ class SimilarityGraph:
             rng = np.random.default_rng(seed)
             i, j = rng.integers(0, n, 200_000), rng.integers(0, n, 200_000)
             scores = np.einsum("ij,ij->i", self.z[i], self.z[j])
-            self.thresholds = np.full(n, np.quantile(scores, 1 - parameter), dtype=np.float32)
+            self.thresholds = np.full(n, np.quantile(scores, 1 - parameter, method="lower"))
         else:
             k = int(parameter)
             if not 1 <= k <= n:
                 raise DudchError(f"{rule} needs 1 <= neighbours <= {n} items, got {parameter}")
-            self.thresholds = np.empty(n, dtype=np.float32)
+            self.thresholds = np.empty(n)
             for start in range(0, n, chunk_rows):
                 block = self.z[start:start + chunk_rows] @ self.z.T
                 self.thresholds[start:start + chunk_rows] = -np.partition(-block, k - 1, axis=1)[:, k - 1]
@@ -107,7 +138,12 @@ class SimilarityGraph:
         return graph
 
 
-def default_neighbours(n):
-    """A neighbourhood of 5% of the items (at least 10): wide enough to connect items that share
-    a category, narrow enough to keep the graph informative."""
-    return max(10, round(0.05 * n))
+DEFAULT_RULE, DEFAULT_SOURCE = "quantile", "hash"
+SIMILAR_FRACTION = 0.2  # tuned on OpenClipart's validation split (benchmarks/quality.py)
+
+
+def default_parameter(rule, n):
+    """The rule's parameter when none is given: about a fifth of all pairs similar (a fraction
+    for `quantile`, that many neighbours for the kNN rules). Sparser graphs (2-3% similar)
+    made the student collapse to near-constant codes on OpenClipart's validation split."""
+    return SIMILAR_FRACTION if rule == "quantile" else max(1, round(SIMILAR_FRACTION * n))

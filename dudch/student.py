@@ -12,6 +12,9 @@ Alternate (a) B fixed: train g_I, g_T by SGD on J; (b) networks fixed: for each 
 which is the exact minimiser of J over column c with the others fixed (terms ||B_c||^2 = n
 are constant), so no DCC sweep increases J. A zero argument keeps the current bit, so B
 stays exactly +-1. As in ADSH, B starts random and one DCC sweep follows each network phase.
+
+With `discrete=False` (the no-DCC ablation) step (b) instead sets every database code to the
+sign of the relaxed network outputs, B = sign(u + v): the usual relax-then-binarise scheme.
 """
 
 import time
@@ -30,10 +33,11 @@ class StudentConfig:
     outer_iterations: int = 30  # ADSH: 50 on ~20k items
     inner_epochs: int = 3  # ADSH: 3
     omega_size: int = 2000  # ADSH: 2,000 (capped at the training subset's size)
-    batch_size: int = 64
+    batch_size: int = 256  # ADSH: 64; same validation mAP on OpenClipart, 1.5x faster on CPU
     gamma: float = 200.0  # ADSH: 200
     lr: float = 1e-3
     weight_decay: float = 1e-5
+    discrete: bool = True  # False: B = sign(u + v) instead of DCC (ablation)
     image_hidden: int = 1024
     text_hidden: int = 4096
     seed: int = 0
@@ -94,8 +98,13 @@ def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=Non
         omega = np.sort(rng.choice(train_rows, size=m, replace=False))
         s_omega = graph.rows(omega)
         network_loss = _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rng, device)
-        u, v = _outputs(nets, x_i, x_t, omega)
-        codes = dcc_sweep(codes, u, v, s_omega, omega, config.gamma)
+        if config.discrete:
+            u, v = _outputs(nets, x_i, x_t, omega)
+            codes = dcc_sweep(codes, u, v, s_omega, omega, config.gamma)
+        else:
+            u_all, v_all = _outputs(nets, x_i, x_t, np.arange(n))
+            codes = np.where(u_all + v_all >= 0, 1, -1).astype(np.int8)
+            u, v = u_all[omega], v_all[omega]
         if on_iteration:
             value = objective(u, v, codes, s_omega, omega, config.gamma) / (m * n)
             on_iteration(iteration, network_loss, value, time.perf_counter() - started)

@@ -11,6 +11,7 @@ from components.similarity import reconstruct_similarity
 from components.student import train_student
 from components.teacher import train_teacher
 from dudch.prepare import PrepareConfig
+from dudch.similarity import DEFAULT_RULE, DEFAULT_SOURCE
 from dudch.student import StudentConfig
 from dudch.teacher import TeacherConfig
 
@@ -36,7 +37,8 @@ def dudch_pipeline(
     lambda2: float = T.lambda2,
     lr_image: float = T.lr_image,
     lr_text: float = T.lr_text,
-    similarity_rule: str = "mutual_knn",
+    similarity_source: str = DEFAULT_SOURCE,
+    similarity_rule: str = DEFAULT_RULE,
     similarity_parameter: float = 0.0,
     student_outer_iterations: int = S.outer_iterations,
     student_inner_epochs: int = S.inner_epochs,
@@ -56,7 +58,8 @@ def dudch_pipeline(
                                 lr_text=lr_text, seed=seed,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
         similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"],
-                                            rule=similarity_rule, parameter=similarity_parameter,
+                                            source=similarity_source, rule=similarity_rule,
+                                            parameter=similarity_parameter,
                                             mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("reconstruct similarity")
         student = train_student(features=features, similarity=similarity.outputs["similarity"], bits=k,
                                 outer_iterations=student_outer_iterations,

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from dudch import DudchError, openclipart
+from dudch.features import bag_of_words, render_svg
+from dudch.prepare import PrepareConfig, make_split
+from pipeline.data import ensure_openclipart, workspace_matches_pin
+from tests.helpers import ROOT, dudch
+
+SVG = b"""<svg xmlns="http://www.w3.org/2000/svg" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+ xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:cc="http://creativecommons.org/ns#" width="10" height="20"><metadata><rdf:RDF><cc:Work>
+<dc:subject><rdf:Bag><rdf:li>Black &amp; white</rdf:li><rdf:li>owl</rdf:li><rdf:li></rdf:li></rdf:Bag></dc:subject>
+</cc:Work></rdf:RDF></metadata><rect width="10" height="20" fill="red"/></svg>"""
+
+
+def test_tags_categories_and_folder_words():
+    assert openclipart.parse_tags(SVG) == ("Black & white", "owl")
+    assert openclipart.parse_tags(b"<svg/>") == ()
+    assert openclipart.categories("animals/birds/night/owl.svg") == ("animals", "animals/birds")
+    assert openclipart.categories("office/pen.svg") == ("office",)
+    assert openclipart.folder_words(["signs_and_symbols/flags/x.svg"]) == {"signs", "and", "symbols", "flags"}
+
+
+def test_bag_of_words_drops_folder_words_and_rare_words():
+    bow, vocabulary = bag_of_words([["Birds", "red owl"], ["owl"], ["bird", "rare"]], min_count=2,
+                                   drop_words={"birds"})
+    assert vocabulary == ["owl"]
+    np.testing.assert_array_equal(bow, [[1], [1], [0]])
+
+
+def test_render_keeps_aspect_on_a_white_canvas(tmp_path):
+    (tmp_path / "a.svg").write_bytes(SVG)
+    pixels = render_svg(tmp_path / "a.svg", size=32)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    assert (pixels[16, 0] == 255).all() and pixels[16, 16, 0] == 255 and pixels[16, 16, 1] < 50
+    (tmp_path / "bad.svg").write_bytes(b"<svg")
+    assert render_svg(tmp_path / "bad.svg") is None
+
+
+def test_split_is_seeded_disjoint_and_scaled():
+    split = make_split(1000, PrepareConfig(seed=3))
+    again = make_split(1000, PrepareConfig(seed=3))
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    assert len(split["query"]) == 150 and len(split["database"]) == 850
+    assert not set(split["query"]) & set(split["database"])
+    assert set(split["train"]) <= set(split["database"]) and set(split["validation"]) <= set(split["database"])
+    assert not set(split["validation"]) & set(split["train"])
+    assert not np.array_equal(split["query"], make_split(1000, PrepareConfig(seed=4))["query"])
+
+
+def test_missing_archive_is_one_clear_line(tmp_path):
+    with pytest.raises(DudchError, match="archive not found") as error:
+        openclipart.fetch(tmp_path / "data", tmp_path / "dl", archive=tmp_path / "nope.deb")
+    assert "\n" not in str(error.value)
+
+
+def test_corrupt_archive_is_refused_and_good_data_is_kept(tmp_path, monkeypatch):
+    good = tmp_path / "data"
+    good.mkdir()
+    (good / "keep.svg").write_text("good")
+    corrupt = tmp_path / "openclipart.deb"
+    corrupt.write_bytes(b"!<arch>\n truncated")
+    with pytest.raises(DudchError, match="corrupt archive .*SHA-256.*delete it and rerun"):
+        openclipart.fetch(good, tmp_path / "dl", archive=corrupt)
+    # Even an archive with the pinned checksum that dpkg cannot unpack leaves the data alone.
+    monkeypatch.setattr(openclipart, "ARCHIVE_SHA256", openclipart.sha256_of(corrupt))
+    with pytest.raises(DudchError, match="cannot extract"):
+        openclipart.fetch(good, tmp_path / "dl", archive=corrupt)
+    assert [p.name for p in good.iterdir()] == ["keep.svg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "openclipart.deb"]
+
+
+def test_the_checkout_holds_the_pinned_data(openclipart_root):
+    assert workspace_matches_pin(ROOT)
+    assert ensure_openclipart(ROOT) == openclipart_root
+
+
+def test_cli_reports_a_corrupt_archive_in_one_line(tmp_path):
+    corrupt = tmp_path / "x.deb"
+    corrupt.write_bytes(b"garbage")
+    done = dudch("data", "openclipart", "--archive", str(corrupt))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "corrupt archive" in done.stderr
+    assert workspace_matches_pin(ROOT)

@@ -1,0 +1,50 @@
+import yaml
+
+from tests.helpers import ROOT, dudch
+
+
+def test_pipeline_yaml_is_in_sync_with_the_code():
+    done = dudch("compile", "--check")
+    assert done.returncode == 0, done.stderr
+
+
+def test_compile_check_fails_on_a_stale_file(tmp_path):
+    stale = tmp_path / "pipeline.yaml"
+    stale.write_text((ROOT / "pipeline.yaml").read_text() + "# edited by hand\n")
+    done = dudch("compile", "--check", "--output", str(stale))
+    assert done.returncode == 1 and "out of date" in done.stderr
+
+
+def test_pipeline_shape_prepare_once_then_a_branch_per_bit_length():
+    spec = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"prepare-data", "for-loop-1"}
+    loop = root["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--bits"
+    branch = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(branch) == {"train-teacher", "reconstruct-similarity", "train-student", "evaluate"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["bits"]["defaultValue"] == [16, 32, 64, 128]
+
+
+def test_unreachable_mlflow_gives_one_line_naming_the_fix():
+    done = dudch("run", "--max-items", "600", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in done.stderr
+    assert "unset MLFLOW_TRACKING_URI" in done.stderr
+
+
+def test_unknown_parameter_and_missing_data_are_clear(tmp_path):
+    done = dudch("run", "--param", "epochz=3")
+    assert done.returncode == 2 and "unknown pipeline parameter 'epochz=3'" in done.stderr
+    (tmp_path / "data.dvc").write_text((ROOT / "data.dvc").read_text())
+    done = dudch("run", cwd=tmp_path)
+    assert done.returncode == 2 and "run `dudch data openclipart` first" in done.stderr
+
+
+def test_help_explains_every_command():
+    done = dudch("--help")
+    for command in ("data", "run", "params", "compile", "report"):
+        assert command in done.stdout
+    params = dudch("params").stdout
+    assert "teacher_epochs" in params and "similarity_rule" in params

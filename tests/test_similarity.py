@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from dudch import DudchError
+from dudch.similarity import RULES, SimilarityGraph, joint_embedding
+
+
+def teacher_like_outputs(n=97, k=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+
+
+def cosine(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def test_joint_embedding_reproduces_the_mean_of_four_cosines():
+    h_i, h_t = teacher_like_outputs()
+    z = joint_embedding(h_i, h_t)
+    expected = (cosine(h_i, h_i) + cosine(h_t, h_t) + cosine(h_i, h_t) + cosine(h_t, h_i)) / 4
+    np.testing.assert_allclose(z @ z.T, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule,parameter", [("mutual_knn", 10), ("union_knn", 10), ("quantile", 0.1)])
+def test_similarity_is_symmetric_binary_and_independent_of_chunking(rule, parameter):
+    z = joint_embedding(*teacher_like_outputs())
+    s = SimilarityGraph(z, rule, parameter, chunk_rows=7).rows(np.arange(len(z)))
+    assert s.dtype == np.int8 and set(np.unique(s)) <= {-1, 1}
+    np.testing.assert_array_equal(s, s.T)
+    whole = SimilarityGraph(z, rule, parameter, chunk_rows=10_000).rows(np.arange(len(z)))
+    np.testing.assert_array_equal(s, whole)
+
+
+def test_knn_rules_bound_each_row_by_k():
+    z = joint_embedding(*teacher_like_outputs())
+    mutual = SimilarityGraph(z, "mutual_knn", 10).rows(np.arange(len(z))) > 0
+    union = SimilarityGraph(z, "union_knn", 10).rows(np.arange(len(z))) > 0
+    assert (mutual.sum(1) <= 10).all() and (union.sum(1) >= 10).all()
+    assert (mutual <= union).all()
+
+
+def test_rows_of_a_subset_equal_the_full_matrix_rows():
+    z = joint_embedding(*teacher_like_outputs())
+    graph = SimilarityGraph(z, "mutual_knn", 10, chunk_rows=5)
+    subset = np.array([3, 50, 96, 0])
+    np.testing.assert_array_equal(graph.rows(subset), graph.rows(np.arange(len(z)))[subset])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    z = joint_embedding(*teacher_like_outputs())
+    graph = SimilarityGraph(z, "union_knn", 7)
+    graph.save(tmp_path / "graph.npz")
+    loaded = SimilarityGraph.load(tmp_path / "graph.npz")
+    np.testing.assert_array_equal(loaded.rows(np.arange(20)), graph.rows(np.arange(20)))
+
+
+def test_bad_parameters_are_refused():
+    z = joint_embedding(*teacher_like_outputs())
+    for rule, parameter in (("nearest", 5), ("mutual_knn", 0), ("quantile", 1.5)):
+        with pytest.raises(DudchError):
+            SimilarityGraph(z, rule, parameter)
+    assert set(RULES) == {"mutual_knn", "union_knn", "quantile"}
