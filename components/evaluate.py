@@ -20,8 +20,7 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
     from dudch.evaluate import evaluate as run_evaluation
     from dudch.evaluate import plot_curves
 
-    feature_data = prepare.load(os.path.join(features.path, "features.npz"),
-                                expect=("image", "text", "query", "database"))
+    feature_data = prepare.load_features(features.path, expect=("image", "text", "query", "database"))
     label_data = prepare.load(os.path.join(labels.path, "labels.npz"), expect=("labels",))
     teacher_nets, _ = nets.load(os.path.join(teacher.path, "model.pt"))
     student_nets, _ = nets.load(os.path.join(student.path, "model.pt"))

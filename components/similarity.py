@@ -16,13 +16,14 @@ def reconstruct_similarity(features: Input[Dataset], teacher: Input[Model], sour
     from dudch import nets, prepare
     from dudch.similarity import SimilarityGraph, default_parameter, embedding
 
-    data = prepare.load(os.path.join(features.path, "features.npz"), expect=("image", "text", "database"))
+    data = prepare.load_features(features.path, expect=("image", "text", "database"))
     database = data["database"]
     trained, config = nets.load(os.path.join(teacher.path, "model.pt"))
     value = parameter or default_parameter(rule, len(database))
     with stage_run(mlflow_parent_run_id, "similarity", config["bits"],
                    params={"source": source, "rule": rule, "parameter": value}):
-        z = embedding(source, data["image"][database], data["text"][database], trained)
+        image = nets.image_input(trained, data) if source != "raw" else data["image"]
+        z = embedding(source, image[database], data["text"][database], trained)
         graph = SimilarityGraph(z, rule, value)
         os.makedirs(similarity.path, exist_ok=True)
         graph.save(os.path.join(similarity.path, "graph.npz"))

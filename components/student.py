@@ -24,8 +24,7 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
 
     config = StudentConfig(bits=bits, outer_iterations=outer_iterations, inner_epochs=inner_epochs,
                            omega_size=omega_size, batch_size=batch_size, gamma=gamma, lr=lr, seed=seed)
-    data = prepare.load(os.path.join(features.path, "features.npz"),
-                        expect=("image", "text", "database", "train", "item_id"))
+    data = prepare.load_features(features.path, expect=("image", "text", "database", "train", "item_id"))
     database = data["database"]
     graph = SimilarityGraph.load(os.path.join(similarity.path, "graph.npz"))
     with stage_run(mlflow_parent_run_id, "student", bits, params=asdict(config)):

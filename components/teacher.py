@@ -6,8 +6,10 @@ from components import component
 @component
 def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: int, beta: float,
                   eta: float, mu: float, lambda1: float, lambda2: float, lr_image: float,
-                  lr_text: float, seed: int, mlflow_parent_run_id: str, teacher: Output[Model]):
-    """DJSRH on the training subset's image/text features -> `teacher` (model.pt)."""
+                  lr_text: float, momentum: float, weight_decay: float, image_input: str,
+                  seed: int, mlflow_parent_run_id: str, teacher: Output[Model]):
+    """DJSRH on the training subset's image/text features -> `teacher` (model.pt). With
+    image_input "pixels" the image branch fine-tunes EfficientNet-Lite0 end to end (GPU)."""
     import os
     from dataclasses import asdict
 
@@ -19,15 +21,17 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
 
     config = TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
                            mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
-                           lr_text=lr_text, seed=seed)
-    data = prepare.load(os.path.join(features.path, "features.npz"), expect=("image", "text", "train"))
+                           lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
+                           image_input=image_input, seed=seed)
+    data = prepare.load_features(features.path, expect=("image", "text", "train"))
     train = data["train"]
     with stage_run(mlflow_parent_run_id, "teacher", bits, params=asdict(config)):
         def log_epoch(epoch, loss, seconds):
             mlflow.log_metrics({"loss": loss, "epoch_time_s": seconds}, step=epoch)
             print(f"teacher {bits} bits: epoch {epoch + 1}/{epochs} loss {loss:.5f} ({seconds:.2f}s)", flush=True)
 
-        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch)
+        pixels = data["pixels"][train] if "pixels" in data else None
+        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch, pixels=pixels)
         os.makedirs(teacher.path, exist_ok=True)
         nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
         log_torch_model(trained, "teacher")

@@ -14,7 +14,7 @@ validation items vs the database without them, so no item retrieves itself).
 import numpy as np
 
 from dudch import metrics
-from dudch.nets import hash_outputs, sign
+from dudch.nets import hash_outputs, image_input, sign
 
 DIRECTIONS = ("i2t", "t2i")
 TOP_K = 50  # DJSRH reports mAP@50
@@ -35,7 +35,7 @@ def split_rows(features, split):
 
 def network_codes(nets, features, rows):
     """(image codes, text codes) of items `rows` from HashNets outputs."""
-    h_image, h_text = hash_outputs(nets, features["image"][rows], features["text"][rows])
+    h_image, h_text = hash_outputs(nets, image_input(nets, features)[rows], features["text"][rows])
     return sign(h_image), sign(h_text)
 
 
@@ -80,13 +80,13 @@ def score(codes_by_method, features, labels, bits, split="query", curves=True):
     rows, all_curves = [], {}
     for method, by_direction in codes_by_method.items():
         for direction, (q, b) in by_direction.items():
+            stats = metrics.rank_statistics(q, b, query_labels, db_labels, TOP_K, cutoffs)
             rows.append(dict(method=method, bits=bits, direction=direction,
-                             map_all=float(metrics.mean_average_precision(q, b, query_labels, db_labels)),
-                             map_50=float(metrics.mean_average_precision(q, b, query_labels, db_labels, TOP_K))))
+                             map_all=float(stats["ap_all"].mean()), map_50=float(stats["ap_top"].mean())))
             if curves:
                 all_curves.setdefault(method, {})[direction] = dict(
-                    pr=metrics.precision_recall_curve(q, b, query_labels, db_labels),
-                    top=(cutoffs, metrics.precision_at_top(q, b, query_labels, db_labels, cutoffs)))
+                    pr=metrics.precision_recall(stats),
+                    top=(cutoffs, metrics.precision_at(stats, cutoffs, len(database))))
     return rows, all_curves
 
 

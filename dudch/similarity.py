@@ -68,14 +68,15 @@ class SimilarityGraph:
     rules (an int >= 1), the fraction q of similar pairs for `quantile` (0 < q < 1).
     """
 
-    def __init__(self, z, rule="mutual_knn", parameter=50, chunk_rows=512, seed=0):
+    def __init__(self, z, rule="mutual_knn", parameter=50, chunk_rows=None, seed=0):
         if rule not in RULES:
             raise DudchError(f"unknown similarity rule {rule!r}; use one of {', '.join(RULES)}")
         # On an integer grid, inner products in float64 are exact sums of integers, so
         # S^_ij == S^_ji bit for bit whatever the chunking: exact symmetry, not nearly.
         self.z = np.round(np.asarray(z, dtype=np.float64) * GRID)
-        self.rule, self.parameter, self.chunk_rows = rule, parameter, chunk_rows
         n = len(self.z)
+        self.rule, self.parameter = rule, parameter
+        self.chunk_rows = chunk_rows or _chunk_rows(n)
         if rule == "quantile":
             if not 0 < parameter < 1:
                 raise DudchError(f"quantile needs a fraction in (0, 1), got {parameter}")
@@ -88,9 +89,10 @@ class SimilarityGraph:
             if not 1 <= k <= n:
                 raise DudchError(f"{rule} needs 1 <= neighbours <= {n} items, got {parameter}")
             self.thresholds = np.empty(n)
-            for start in range(0, n, chunk_rows):
-                block = self.z[start:start + chunk_rows] @ self.z.T
-                self.thresholds[start:start + chunk_rows] = -np.partition(-block, k - 1, axis=1)[:, k - 1]
+            step = self.chunk_rows
+            for start in range(0, n, step):
+                block = self.z[start:start + step] @ self.z.T
+                self.thresholds[start:start + step] = -np.partition(-block, k - 1, axis=1)[:, k - 1]
 
     def __len__(self):
         return len(self.z)
@@ -134,12 +136,17 @@ class SimilarityGraph:
         except (OSError, KeyError, ValueError) as error:
             raise DudchError(f"cannot read similarity graph {path} ({error}); rerun the "
                              f"similarity stage") from None
-        graph.chunk_rows = 512
+        graph.chunk_rows = _chunk_rows(len(graph.z))
         return graph
 
 
 DEFAULT_RULE, DEFAULT_SOURCE = "quantile", "hash"
 SIMILAR_FRACTION = 0.2  # tuned on OpenClipart's validation split (benchmarks/quality.py)
+
+
+def _chunk_rows(n):
+    """Rows per chunk so that a chunk x n float64 block stays near 128 MiB."""
+    return max(1, min(1024, 2**24 // n))
 
 
 def default_parameter(rule, n):

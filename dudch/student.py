@@ -43,26 +43,33 @@ class StudentConfig:
     seed: int = 0
 
 
-def objective(u, v, codes, similarity, omega, gamma):
+def objective(u, v, codes, similarity, omega, gamma, chunk=8192):
     """J above, in float64. u, v: (m, k); codes: (n, k) in {-1,+1}; similarity: (m, n); omega:
-    the m database rows that u and v belong to."""
+    the m database rows that u and v belong to. Computed over column chunks of S, so the
+    memory is O(m x chunk), not O(m x n)."""
     k = codes.shape[1]
-    b, s = codes.astype(np.float64), similarity.astype(np.float64)
-    fit = ((u @ b.T - k * s) ** 2).sum() + ((v @ b.T - k * s) ** 2).sum()
+    b = codes.astype(np.float64)
+    fit = 0.0
+    for start in range(0, len(b), chunk):
+        s = k * similarity[:, start:start + chunk].astype(np.float64)
+        fit += ((u @ b[start:start + chunk].T - s) ** 2).sum() + ((v @ b[start:start + chunk].T - s) ** 2).sum()
     return float(fit + gamma * (((b[omega] - u) ** 2).sum() + ((b[omega] - v) ** 2).sum()))
 
 
-def dcc_sweep(codes, u, v, similarity, omega, gamma):
+def dcc_sweep(codes, u, v, similarity, omega, gamma, chunk=8192):
     """One DCC sweep over all k bit columns; returns the new codes (int8, exactly +-1).
 
     codes: (n, k) int8; u, v: (m, k) float; similarity: (m, n) int8 in {-1,+1}; omega: (m,) rows.
+    S^T (U + V) is accumulated over column chunks of S: memory O(m x chunk + n x k).
     """
     n, k = codes.shape
     b = codes.astype(np.float64)
     u, v = u.astype(np.float64), v.astype(np.float64)
-    u_bar, v_bar = np.zeros((n, k)), np.zeros((n, k))
-    u_bar[omega], v_bar[omega] = u, v
-    q = -2.0 * k * (similarity.T.astype(np.float64) @ (u + v)) - 2.0 * gamma * (u_bar + v_bar)
+    q = np.empty((n, k))
+    for start in range(0, n, chunk):
+        q[start:start + chunk] = similarity[:, start:start + chunk].T.astype(np.float64) @ (u + v)
+    q *= -2.0 * k
+    q[omega] -= 2.0 * gamma * (u + v)
     for c in range(k):
         rest = np.arange(k) != c
         grad = 2.0 * b[:, rest] @ (u[:, rest].T @ u[:, c] + v[:, rest].T @ v[:, c]) + q[:, c]
@@ -114,7 +121,7 @@ def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=Non
 def _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rng, device):
     k, n = config.bits, len(codes)
     b = torch.from_numpy(codes.astype(np.float32)).to(device)
-    s = torch.from_numpy(s_omega.astype(np.float32)).to(device)
+    s = torch.from_numpy(s_omega).to(device)  # int8: a float copy would cost 4 bytes x m x n
     omega_t = torch.from_numpy(omega).to(device)
     nets.train()
     total, batches = 0.0, 0
@@ -124,7 +131,7 @@ def _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rn
             rows = omega_t[pos]
             h_i, h_t = nets(x_i[rows], x_t[rows])
             u, v = torch.tanh(h_i), torch.tanh(h_t)
-            target = k * s[pos]
+            target = k * s[pos].float()
             loss = (((u @ b.T - target) ** 2).sum() + ((v @ b.T - target) ** 2).sum()
                     + config.gamma * (((b[rows] - u) ** 2).sum() + ((b[rows] - v) ** 2).sum()))
             loss = loss / (n * len(batch))

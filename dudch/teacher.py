@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from dudch import DudchError
 from dudch.nets import HashNets, check_pairs
 
 
@@ -35,7 +36,16 @@ class TeacherConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     text_hidden: int = 4096
+    image_input: str = "features"  # or "pixels": fine-tune EfficientNet-Lite0 end to end (GPU)
     seed: int = 0
+
+
+IMAGE_INPUTS = ("features", "pixels")
+
+
+def default_device():
+    """CUDA when there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def semantic_affinity(image, text, beta, eta, mu):
@@ -52,22 +62,34 @@ def djsrh_loss(h_image, h_text, affinity, alpha, lambda1, lambda2):
             + lambda2 * F.mse_loss(b_t @ b_t.T, affinity))
 
 
-def fit(image, text, config=TeacherConfig(), on_epoch=None, device="cpu"):
+def fit(image, text, config=TeacherConfig(), on_epoch=None, device=None, pixels=None):
     """Train DJSRH on paired features.
 
-    image: float32 (n, d_image); text: float32 (n, d_text). Labels are not an input.
-    on_epoch(epoch, mean_loss, seconds) is called after each epoch.
+    image: float32 (n, d_image) frozen backbone features (they define S_I, as in DJSRH);
+    text: float32 (n, d_text); pixels: uint8 (n, h, w, 3), required when
+    config.image_input == "pixels", where the image branch is EfficientNet-Lite0 fine-tuned
+    end to end on them. Labels are not an input. On a GPU the forward pass runs under bf16
+    autocast where the card supports it. on_epoch(epoch, mean_loss, seconds) after each epoch.
     Returns the trained HashNets (in eval mode, on the CPU).
     """
     image, text = check_pairs(image, text)
+    if config.image_input not in IMAGE_INPUTS:
+        raise DudchError(f"unknown teacher image input {config.image_input!r}; use features or pixels")
+    fine_tune = config.image_input == "pixels"
+    if fine_tune and (pixels is None or len(pixels) != len(image)):
+        raise DudchError("teacher_image_input=pixels needs the rendered pixels of every training "
+                         "item; prepare the dataset with teacher_image_input=pixels")
+    device = torch.device(device or default_device())
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    nets = HashNets(image.shape[1], text.shape[1], config.bits, config.text_hidden).to(device)
+    nets = HashNets(image.shape[1], text.shape[1], config.bits, config.text_hidden,
+                    image_backbone="efficientnet-lite0" if fine_tune else "").to(device)
     optimiser = torch.optim.SGD([
         dict(params=nets.image.parameters(), lr=config.lr_image),
         dict(params=nets.text.parameters(), lr=config.lr_text),
     ], momentum=config.momentum, weight_decay=config.weight_decay)
     x_i, x_t = torch.from_numpy(image).to(device), torch.from_numpy(text).to(device)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     nets.train()
     for epoch in range(config.epochs):
         started, total, batches = time.perf_counter(), 0.0, 0
@@ -75,8 +97,10 @@ def fit(image, text, config=TeacherConfig(), on_epoch=None, device="cpu"):
         for batch in np.array_split(rng.permutation(len(image)), max(1, len(image) // config.batch_size)):
             idx = torch.from_numpy(batch).to(device)
             affinity = semantic_affinity(x_i[idx], x_t[idx], config.beta, config.eta, config.mu)
-            h_i, h_t = nets(x_i[idx], x_t[idx])
-            loss = djsrh_loss(h_i, h_t, affinity, alpha, config.lambda1, config.lambda2)
+            image_in = x_i[idx] if not fine_tune else _pixel_batch(pixels, batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                h_i, h_t = nets(image_in, x_t[idx])
+            loss = djsrh_loss(h_i.float(), h_t.float(), affinity, alpha, config.lambda1, config.lambda2)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -84,3 +108,10 @@ def fit(image, text, config=TeacherConfig(), on_epoch=None, device="cpu"):
         if on_epoch:
             on_epoch(epoch, total / batches, time.perf_counter() - started)
     return nets.cpu().eval()
+
+
+def _pixel_batch(pixels, rows, device):
+    batch = torch.from_numpy(np.ascontiguousarray(pixels[rows]))
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch

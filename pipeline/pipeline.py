@@ -37,6 +37,9 @@ def dudch_pipeline(
     lambda2: float = T.lambda2,
     lr_image: float = T.lr_image,
     lr_text: float = T.lr_text,
+    teacher_image_input: str = T.image_input,
+    momentum: float = T.momentum,
+    weight_decay: float = T.weight_decay,
     similarity_source: str = DEFAULT_SOURCE,
     similarity_rule: str = DEFAULT_RULE,
     similarity_parameter: float = 0.0,
@@ -49,13 +52,14 @@ def dudch_pipeline(
 ):
     prepared = prepare_data(raw_data=raw_data, cache_dir=cache_dir, seed=seed, max_items=max_items,
                             min_word_count=min_word_count, min_label_size=min_label_size,
-                            mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
+                            image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
     features = prepared.outputs["features"]
     with dsl.ParallelFor(bits) as k:
         teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
                                 batch_size=teacher_batch_size, beta=beta, eta=eta, mu=mu,
                                 lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
-                                lr_text=lr_text, seed=seed,
+                                lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
+                                image_input=teacher_image_input, seed=seed,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
         similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"],
                                             source=similarity_source, rule=similarity_rule,
