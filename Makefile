@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test data lock compile clean
+.PHONY: run test data lock compile benchmarks clean
 
 run: data
 	$(BIN)/dudch run
@@ -17,6 +17,11 @@ data: $(INSTALLED)
 
 compile: $(INSTALLED)
 	$(BIN)/dudch compile
+
+# On demand, not in CI (about 40 min on 2 cores): results in benchmarks/results/.
+benchmarks: data
+	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/scale.py
 
 # torch first and alone: pip takes the CPU build from this machine's disk, and the lock
 # (which leaves torch out) then finds it satisfied instead of pulling in CUDA libraries.
@@ -35,5 +40,6 @@ lock:
 	{ sed -n '1,2p' requirements.lock; /tmp/dudch-lock/bin/pip freeze --exclude torch --exclude dudch | grep -v '^-e' | sort -f; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
+# The virtualenv and the caches; the MLflow store (mlflow.db, mlartifacts/) is the user's and stays.
 clean:
-	rm -rf $(VENV) .dudch mlruns mlartifacts mlflow.db
+	rm -rf $(VENV) .dudch

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -108,7 +109,8 @@ def margins(table, bits_list):
 
 def markdown(result):
     lines = ["# Quality on OpenClipart", "",
-             f"Machine: {result['machine']}. Command: `{result['command']}`. Wall time: {result['wall_time_s'] / 60:.1f} min.",
+             f"Machine: {result['machine']}. Command: `{result['command']}` at commit {result['commit']}. "
+             f"Wall time: {result['wall_time_s'] / 60:.1f} min.",
              f"Query set of {result['dataset']['split']['query']} items against a database of "
              f"{result['dataset']['split']['database']}; {result['dataset']['num_labels']} labels; mean +- std over seeds {result['seeds']}.",
              "", "| method | bits | I->T mAP@all | T->I mAP@all | I->T mAP@50 | T->I mAP@50 |", "|---|---|---|---|---|---|"]
@@ -168,7 +170,8 @@ def main():
     result = dict(
         dataset=dict(name="openclipart", items=info["items"], num_labels=info["num_labels"], split=info["split"]),
         machine=machine(),
-        command="make data && .venv/bin/python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", *sys.argv[1:]]),
+        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         wall_time_s=time.time() - started, seeds=args.seeds, bits=args.bits, tuning_bits=args.tune_bits,
         hyperparameters=dict(teacher=asdict(TeacherConfig()), student=asdict(StudentConfig()),
                              similarity=dict(source=similarity.DEFAULT_SOURCE, rule=similarity.DEFAULT_RULE,
