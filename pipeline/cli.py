@@ -3,6 +3,7 @@
 import argparse
 import inspect
 import json
+import os
 import re
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from dudch import DudchError
 
 PIPELINE_YAML = "pipeline.yaml"
+LOCAL_PARALLEL_TASKS = 2  # kfp.local runs at most two tasks of a ParallelFor at once
 
 
 def main(argv=None):
@@ -118,6 +120,11 @@ def _run(args):
 
     from pipeline.pipeline import dudch_pipeline
 
+    # Without a cap each concurrent task starts a torch/BLAS/numba thread per core, and they
+    # thrash (10x slower student iterations measured on 2 cores). A user's setting wins.
+    threads = str(max(1, (os.cpu_count() or 1) // LOCAL_PARALLEL_TASKS))
+    for variable in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(variable, threads)
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(root / ".dudch" / "kfp"))

@@ -48,6 +48,18 @@ def test_split_is_seeded_disjoint_and_scaled():
     assert not np.array_equal(split["query"], make_split(1000, PrepareConfig(seed=4))["query"])
 
 
+def test_a_second_prepare_reuses_the_cached_image_features(openclipart_root, tmp_path, monkeypatch):
+    from dudch import prepare
+
+    config = PrepareConfig(max_items=30, min_label_size=1, min_word_count=1, image_size=64)
+    first, _, _ = prepare.prepare(openclipart_root, tmp_path, config, progress=False)
+    monkeypatch.setattr(prepare, "ImageEncoder", None)  # any attempt to encode again would fail
+    monkeypatch.setattr(prepare, "render_svg", None)
+    second, _, _ = prepare.prepare(openclipart_root, tmp_path, config, progress=False)
+    np.testing.assert_array_equal(first["image"], second["image"])
+    assert len(list(tmp_path.glob("image-features-*.npz"))) == 1
+
+
 def test_missing_archive_is_one_clear_line(tmp_path):
     with pytest.raises(DudchError, match="archive not found") as error:
         openclipart.fetch(tmp_path / "data", tmp_path / "dl", archive=tmp_path / "nope.deb")
