@@ -10,6 +10,7 @@ from components.prepare import prepare_data
 from components.similarity import reconstruct_similarity
 from components.student import train_student
 from components.teacher import train_teacher
+from pipeline.cluster import on_cluster
 from dudch.prepare import PrepareConfig
 from dudch.similarity import DEFAULT_RULE, DEFAULT_SOURCE
 from dudch.student import StudentConfig
@@ -53,6 +54,7 @@ def dudch_pipeline(
     prepared = prepare_data(raw_data=raw_data, cache_dir=cache_dir, seed=seed, max_items=max_items,
                             min_word_count=min_word_count, min_label_size=min_label_size,
                             image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
+    on_cluster(prepared, cache=True)
     features = prepared.outputs["features"]
     with dsl.ParallelFor(bits) as k:
         teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
@@ -61,15 +63,18 @@ def dudch_pipeline(
                                 lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
                                 image_input=teacher_image_input, seed=seed,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
+        on_cluster(teacher, gpu=True, cache=True)
         similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"],
                                             source=similarity_source, rule=similarity_rule,
                                             parameter=similarity_parameter,
                                             mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("reconstruct similarity")
+        on_cluster(similarity)
         student = train_student(features=features, similarity=similarity.outputs["similarity"], bits=k,
                                 outer_iterations=student_outer_iterations,
                                 inner_epochs=student_inner_epochs, omega_size=omega_size,
                                 batch_size=student_batch_size, gamma=gamma, lr=student_lr, seed=seed,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("student (DCC)")
-        evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],
-                 student=student.outputs["student"], bits=k,
-                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("evaluate")
+        on_cluster(student, gpu=True)
+        on_cluster(evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],
+                            student=student.outputs["student"], bits=k,
+                            mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("evaluate"))

@@ -65,7 +65,7 @@ def test_permuting_labels_changes_nothing_that_training_sees(openclipart_root, t
 
 
 def test_only_the_evaluate_task_consumes_labels():
-    spec = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    spec = next(yaml.safe_load_all((ROOT / "pipeline.yaml").read_text()))
     consumers = set()
 
     def walk(node):

@@ -16,7 +16,7 @@ def test_compile_check_fails_on_a_stale_file(tmp_path):
 
 
 def test_pipeline_shape_prepare_once_then_a_branch_per_bit_length():
-    spec = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    spec = next(yaml.safe_load_all((ROOT / "pipeline.yaml").read_text()))
     root = spec["root"]["dag"]["tasks"]
     assert set(root) == {"prepare-data", "for-loop-1"}
     loop = root["for-loop-1"]

@@ -1,0 +1,43 @@
+"""How the pipeline's tasks run on a Kubeflow cluster: GPU requests, node placement, where
+credentials and endpoints come from, retries and caching. Compile-time settings from the
+environment (`DUDCH_GPU_NODE_SELECTOR=cloud.google.com/gke-accelerator=nvidia-h100 dudch
+compile`); nothing secret is ever written into pipeline.yaml, only the names of the Kubernetes
+secret and config map that hold it. A local run (`dudch run`) ignores all of this."""
+
+import os
+
+from kfp import kubernetes
+
+# KEY=VALUE: the node label GPU tasks are scheduled on (NVIDIA's GPU operator sets this one).
+GPU_NODE_SELECTOR = os.environ.get("DUDCH_GPU_NODE_SELECTOR", "nvidia.com/gpu.present=true")
+# KEY:EFFECT: the taint of GPU nodes that GPU tasks tolerate (operator Exists).
+GPU_TOLERATION = os.environ.get("DUDCH_GPU_TOLERATION", "nvidia.com/gpu:NoSchedule")
+GPU_CPU_REQUEST = os.environ.get("DUDCH_GPU_CPU_REQUEST", "4")
+GPU_MEMORY_REQUEST = os.environ.get("DUDCH_GPU_MEMORY_REQUEST", "16G")
+SECRET = os.environ.get("DUDCH_SECRET", "dudch-credentials")
+CONFIG_MAP = os.environ.get("DUDCH_CONFIG_MAP", "dudch-config")
+
+# Secret keys -> environment variables: object-store credentials (S3 or MinIO).
+SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+# Config map keys -> environment variables: where MLflow and the object store are.
+CONFIG_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
+              "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
+
+
+def on_cluster(task, gpu=False, cache=False):
+    """Apply the cluster settings to `task`; returns it. Every task: credentials and endpoints
+    from the secret and config map, two retries on failure (preempted or evicted pods);
+    `gpu`: one nvidia.com/gpu with CPU and memory requests on a GPU node; `cache`: reuse an
+    earlier identical execution."""
+    kubernetes.use_secret_as_env(task, SECRET, SECRET_ENV)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_ENV)
+    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
+    task.set_caching_options(cache)
+    if gpu:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        task.set_cpu_request(GPU_CPU_REQUEST).set_memory_request(GPU_MEMORY_REQUEST)
+        key, _, value = GPU_NODE_SELECTOR.partition("=")
+        kubernetes.add_node_selector(task, key, value)
+        key, _, effect = GPU_TOLERATION.partition(":")
+        kubernetes.add_toleration(task, key=key, operator="Exists", effect=effect or None)
+    return task

@@ -1,0 +1,80 @@
+"""What a Kubeflow cluster gets from pipeline.yaml: GPU requests and placement for the training
+stages, credentials only by reference, retries, caching, and the image chosen at compile time."""
+
+import kfp.components
+import yaml
+
+from tests.helpers import ROOT, dudch
+
+STAGES = ("prepare-data", "train-teacher", "reconstruct-similarity", "train-student", "evaluate")
+GPU_STAGES = ("train-teacher", "train-student")
+
+
+def load(path=ROOT / "pipeline.yaml"):
+    documents = list(yaml.safe_load_all(path.read_text()))
+    spec, platform = documents[0], documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return spec, platform
+
+
+def executor(spec, stage):
+    return spec["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]
+
+
+def all_tasks(spec):
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_training_stages_request_a_gpu_on_a_gpu_node():
+    spec, platform = load()
+    for stage in STAGES:
+        resources = executor(spec, stage).get("resources", {})
+        if stage in GPU_STAGES:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "1"
+            assert resources["resourceCpuRequest"] == "4" and resources["resourceMemoryRequest"] == "16G"
+            assert platform[f"exec-{stage}"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+            assert platform[f"exec-{stage}"]["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        else:
+            assert "accelerator" not in resources and "nodeSelector" not in platform[f"exec-{stage}"]
+
+
+def test_credentials_come_from_a_secret_and_endpoints_from_a_config_map():
+    spec, platform = load()
+    for stage in STAGES:
+        (secret,) = platform[f"exec-{stage}"]["secretAsEnv"]
+        assert secret["secretName"] == "dudch-credentials"
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        (config,) = platform[f"exec-{stage}"]["configMapAsEnv"]
+        assert config["configMapName"] == "dudch-config"
+        assert "MLFLOW_TRACKING_URI" in {e["envVar"] for e in config["keyToEnv"]}
+        assert "env" not in executor(spec, stage)  # nothing baked into the image's environment
+
+
+def test_every_task_retries_and_only_prepare_and_teacher_cache():
+    spec, _ = load()
+    tasks = all_tasks(spec)
+    for stage in STAGES:
+        assert tasks[stage]["retryPolicy"]["maxRetryCount"] == 2
+        assert tasks[stage].get("cachingOptions", {}).get("enableCache", False) == (stage in ("prepare-data", "train-teacher"))
+
+
+def test_the_compiled_pipeline_loads_back_with_kfps_loader():
+    pipeline = kfp.components.load_component_from_file(str(ROOT / "pipeline.yaml"))
+    assert pipeline.name == "dudch"
+    assert {"bits", "teacher_image_input", "similarity_rule"} <= set(pipeline.component_spec.inputs)
+
+
+def test_image_and_gpu_placement_are_compile_time_settings(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    done = dudch("compile", "--output", str(out), env={
+        "DUDCH_IMAGE": "registry.example/dudch-python:1.2", "DUDCH_GPU_NODE_SELECTOR": "pool=h100",
+        "DUDCH_GPU_TOLERATION": "dedicated:NoExecute"})
+    assert done.returncode == 0, done.stderr
+    spec, platform = load(out)
+    assert {executor(spec, s)["image"] for s in STAGES} == {"registry.example/dudch-python:1.2"}
+    assert platform["exec-train-teacher"]["nodeSelector"]["labels"] == {"pool": "h100"}
+    assert platform["exec-train-student"]["tolerations"][0] == {"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}
