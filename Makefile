@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test data lock compile benchmarks clean
+.PHONY: run test data lock compile benchmarks image clean
 
 run: data
 	$(BIN)/dudch run
@@ -17,6 +17,15 @@ data: $(INSTALLED)
 
 compile: $(INSTALLED)
 	$(BIN)/dudch compile
+
+# The stages' container, pushed, and the pipeline compiled against it (build/pipeline.yaml, for
+# `dudch submit --package build/pipeline.yaml`). Needs a Docker engine and a registry login;
+# the development machine has neither, so CI never runs this.
+IMAGE ?= ghcr.io/dudch/dudch-python:0.1.0
+image: $(INSTALLED)
+	docker build -f components/Dockerfile -t $(IMAGE) .
+	docker push $(IMAGE)
+	mkdir -p build && DUDCH_IMAGE=$(IMAGE) $(BIN)/dudch compile --output build/pipeline.yaml
 
 # On demand, not in CI (about 40 min on 2 cores): results in benchmarks/results/.
 benchmarks: data

@@ -35,9 +35,12 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
                   f"loss {loss:.4f} objective {objective:.4f} ({seconds:.2f}s)", flush=True)
 
         train_rows = np.searchsorted(database, data["train"])
-        trained, codes = fit(data["image"][database], data["text"][database], train_rows, graph,
-                             config, on_iteration=log_iteration)
+        # In the task's own output: a retried (preempted) task finds it and resumes.
         os.makedirs(student.path, exist_ok=True)
+        checkpoint = os.path.join(student.path, "checkpoint.pt")
+        trained, codes = fit(data["image"][database], data["text"][database], train_rows, graph,
+                             config, on_iteration=log_iteration, checkpoint=checkpoint)
         nets.save(os.path.join(student.path, "model.pt"), trained, config)
         save_npz(os.path.join(student.path, "codes.npz"), codes=codes, item_id=data["item_id"][database])
         log_torch_model(trained, "student")
+        os.remove(checkpoint)

@@ -31,7 +31,11 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
             print(f"teacher {bits} bits: epoch {epoch + 1}/{epochs} loss {loss:.5f} ({seconds:.2f}s)", flush=True)
 
         pixels = data["pixels"][train] if "pixels" in data else None
-        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch, pixels=pixels)
+        # In the task's own output: a retried (preempted) task finds it and resumes.
         os.makedirs(teacher.path, exist_ok=True)
+        checkpoint = os.path.join(teacher.path, "checkpoint.pt")
+        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
+                      pixels=pixels, checkpoint=checkpoint)
         nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
         log_torch_model(trained, "teacher")
+        os.remove(checkpoint)

@@ -1,12 +1,18 @@
 """The hashing networks shared by teacher and student, their persistence, and `sign`."""
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from dudch import DudchError
+
+
+def default_device():
+    """CUDA when there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class HashNets(nn.Module):
@@ -119,3 +125,25 @@ def hidden_features(nets, image, text, batch_size=None):
         return np.asarray(x, dtype=np.float32)
 
     return below_hash_layer(nets.image, image), below_hash_layer(nets.text, text)
+
+
+def save_checkpoint(path, step, nets, optimiser, rng, **arrays):
+    """Everything needed to continue training after `step` exactly as if never interrupted:
+    network and optimiser state, the numpy generator's state, and any arrays (atomic write)."""
+    from dudch.storage import atomic_file
+
+    with atomic_file(path) as tmp:
+        torch.save(dict(step=step, nets=nets.state_dict(), optimiser=optimiser.state_dict(),
+                        rng=rng.bit_generator.state, arrays=arrays), tmp)
+
+
+def resume(path, nets, optimiser, rng):
+    """Restore a checkpoint written by `save_checkpoint` into nets, optimiser and rng; returns
+    (the step to start from, the saved arrays), or (0, {}) when there is none."""
+    if path is None or not Path(path).exists():
+        return 0, {}
+    saved = torch.load(path, map_location=next(nets.parameters()).device, weights_only=False)
+    nets.load_state_dict(saved["nets"])
+    optimiser.load_state_dict(saved["optimiser"])
+    rng.bit_generator.state = saved["rng"]
+    return saved["step"] + 1, saved["arrays"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dudch import DudchError
-from dudch.nets import HashNets, check_pairs
+from dudch.nets import HashNets, check_pairs, default_device, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -77,19 +77,24 @@ def dcc_sweep(codes, u, v, similarity, omega, gamma, chunk=8192):
     return b.astype(np.int8)
 
 
-def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=None, device="cpu"):
+def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=None, device=None,
+        checkpoint=None):
     """Train the student on the database.
 
     image: float32 (n, d_image), text: float32 (n, d_text): the database items, row j of both
     being item j; train_rows: rows of the training subset (Omega is drawn from them); graph:
     a SimilarityGraph over the same n items. Labels are not an input.
     on_iteration(iteration, network_loss, objective_after_dcc, seconds) after each iteration.
-    Returns (HashNets in eval mode on the CPU, codes int8 (n, bits) in {-1, +1}).
+    checkpoint: a file path; the state (networks, optimiser, codes, generator) is saved there
+    after every outer iteration and training resumes from it when it exists.
+    The networks train on CUDA when there is a GPU (bf16 autocast where supported); DCC runs
+    in numpy. Returns (HashNets in eval mode on the CPU, codes int8 (n, bits) in {-1, +1}).
     """
     image, text = check_pairs(image, text)
     if len(graph) != len(image):
         raise DudchError(f"similarity graph covers {len(graph)} items but the database has "
                          f"{len(image)}; rerun the similarity stage on this dataset")
+    device = torch.device(device or default_device())
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     k, n = config.bits, len(image)
@@ -99,8 +104,10 @@ def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=Non
     x_i, x_t = torch.from_numpy(image).to(device), torch.from_numpy(text).to(device)
     train_rows = np.asarray(train_rows)
     m = min(config.omega_size, len(train_rows))
+    first_iteration, saved = resume(checkpoint, nets, optimiser, rng)
+    codes = saved.get("codes", codes)
 
-    for iteration in range(config.outer_iterations):
+    for iteration in range(first_iteration, config.outer_iterations):
         started = time.perf_counter()
         omega = np.sort(rng.choice(train_rows, size=m, replace=False))
         s_omega = graph.rows(omega)
@@ -112,6 +119,8 @@ def fit(image, text, train_rows, graph, config=StudentConfig(), on_iteration=Non
             u_all, v_all = _outputs(nets, x_i, x_t, np.arange(n))
             codes = np.where(u_all + v_all >= 0, 1, -1).astype(np.int8)
             u, v = u_all[omega], v_all[omega]
+        if checkpoint:
+            save_checkpoint(checkpoint, iteration, nets, optimiser, rng, codes=codes)
         if on_iteration:
             value = objective(u, v, codes, s_omega, omega, config.gamma) / (m * n)
             on_iteration(iteration, network_loss, value, time.perf_counter() - started)
@@ -129,8 +138,10 @@ def _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rn
         for batch in np.array_split(rng.permutation(len(omega)), max(1, len(omega) // config.batch_size)):
             pos = torch.from_numpy(batch).to(device)
             rows = omega_t[pos]
-            h_i, h_t = nets(x_i[rows], x_t[rows])
-            u, v = torch.tanh(h_i), torch.tanh(h_t)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda" and torch.cuda.is_bf16_supported()):
+                h_i, h_t = nets(x_i[rows], x_t[rows])
+            u, v = torch.tanh(h_i.float()), torch.tanh(h_t.float())
             target = k * s[pos].float()
             loss = (((u @ b.T - target) ** 2).sum() + ((v @ b.T - target) ** 2).sum()
                     + config.gamma * (((b[rows] - u) ** 2).sum() + ((b[rows] - v) ** 2).sum()))
@@ -145,5 +156,6 @@ def _train_networks(nets, optimiser, x_i, x_t, omega, s_omega, codes, config, rn
 @torch.no_grad()
 def _outputs(nets, x_i, x_t, rows):
     nets.eval()
-    h_i, h_t = nets(x_i[torch.from_numpy(rows)], x_t[torch.from_numpy(rows)])
-    return torch.tanh(h_i).cpu().numpy(), torch.tanh(h_t).cpu().numpy()
+    index = torch.from_numpy(rows).to(x_i.device)
+    h_i, h_t = nets(x_i[index], x_t[index])
+    return torch.tanh(h_i).float().cpu().numpy(), torch.tanh(h_t).float().cpu().numpy()

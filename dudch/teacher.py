@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from dudch import DudchError
-from dudch.nets import HashNets, check_pairs
+from dudch.nets import HashNets, check_pairs, default_device, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,6 @@ class TeacherConfig:
 IMAGE_INPUTS = ("features", "pixels")
 
 
-def default_device():
-    """CUDA when there is a GPU, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def semantic_affinity(image, text, beta, eta, mu):
     """DJSRH's joint-semantics affinity S (m x m) from a batch of raw features."""
     f_i, f_t = F.normalize(image, dim=1), F.normalize(text, dim=1)
@@ -62,7 +57,7 @@ def djsrh_loss(h_image, h_text, affinity, alpha, lambda1, lambda2):
             + lambda2 * F.mse_loss(b_t @ b_t.T, affinity))
 
 
-def fit(image, text, config=TeacherConfig(), on_epoch=None, device=None, pixels=None):
+def fit(image, text, config=TeacherConfig(), on_epoch=None, device=None, pixels=None, checkpoint=None):
     """Train DJSRH on paired features.
 
     image: float32 (n, d_image) frozen backbone features (they define S_I, as in DJSRH);
@@ -70,7 +65,9 @@ def fit(image, text, config=TeacherConfig(), on_epoch=None, device=None, pixels=
     config.image_input == "pixels", where the image branch is EfficientNet-Lite0 fine-tuned
     end to end on them. Labels are not an input. On a GPU the forward pass runs under bf16
     autocast where the card supports it. on_epoch(epoch, mean_loss, seconds) after each epoch.
-    Returns the trained HashNets (in eval mode, on the CPU).
+    checkpoint: a file path; the state is saved there after every epoch and, when the file
+    exists, training resumes from it (a preempted task picks up where it stopped, with the same
+    final result as an uninterrupted run). Returns the trained HashNets (eval mode, on the CPU).
     """
     image, text = check_pairs(image, text)
     if config.image_input not in IMAGE_INPUTS:
@@ -90,8 +87,9 @@ def fit(image, text, config=TeacherConfig(), on_epoch=None, device=None, pixels=
     ], momentum=config.momentum, weight_decay=config.weight_decay)
     x_i, x_t = torch.from_numpy(image).to(device), torch.from_numpy(text).to(device)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    first_epoch, _ = resume(checkpoint, nets, optimiser, rng)
     nets.train()
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
         started, total, batches = time.perf_counter(), 0.0, 0
         alpha = math.sqrt(epoch + 1)
         for batch in np.array_split(rng.permutation(len(image)), max(1, len(image) // config.batch_size)):
@@ -105,6 +103,8 @@ def fit(image, text, config=TeacherConfig(), on_epoch=None, device=None, pixels=
             loss.backward()
             optimiser.step()
             total, batches = total + loss.item(), batches + 1
+        if checkpoint:
+            save_checkpoint(checkpoint, epoch, nets, optimiser, rng)
         if on_epoch:
             on_epoch(epoch, total / batches, time.perf_counter() - started)
     return nets.cpu().eval()

@@ -54,6 +54,23 @@ def _parser():
                      help="any other pipeline parameter, e.g. teacher_epochs=20 (see `dudch params`)")
     run.set_defaults(handler=_run)
 
+    submit = commands.add_parser("submit", help=f"upload {PIPELINE_YAML} to a Kubeflow Pipelines "
+                                 "cluster as a new pipeline version and start a run",
+                                 description="Upload pipeline.yaml as a new version of the pipeline "
+                                 "and start a run. The MLflow parent run is created in the store of "
+                                 "MLFLOW_TRACKING_URI, which must be the server the cluster's "
+                                 "config map names. A bearer token, if the cluster needs one, comes "
+                                 "from KFP_TOKEN.")
+    submit.add_argument("--host", required=True, help="the KFP API, e.g. http://localhost:8080")
+    submit.add_argument("--experiment", default="dudch", help="KFP experiment to run in")
+    submit.add_argument("--namespace", help="Kubernetes namespace (multi-user Kubeflow)")
+    submit.add_argument("--pipeline-name", default="dudch")
+    submit.add_argument("--package", type=Path, default=Path(PIPELINE_YAML),
+                        help="the compiled pipeline to upload (make image writes build/pipeline.yaml)")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="pipeline parameters; raw_data (a path the pods can read) is required")
+    submit.set_defaults(handler=_submit)
+
     params = commands.add_parser("params", help="list the pipeline's parameters and defaults")
     params.set_defaults(handler=_params)
 
@@ -76,11 +93,14 @@ def _data_openclipart(args):
     print(f"OpenClipart ready at {dest.relative_to(Path.cwd().resolve())} (matches data.dvc)")
 
 
-def _pipeline_parameters():
+RUN_INPUTS = ("raw_data", "cache_dir", "mlflow_parent_run_id")  # set by `dudch run` itself
+
+
+def _pipeline_parameters(with_run_inputs=False):
     from pipeline.pipeline import dudch_pipeline
 
     return {name: p for name, p in inspect.signature(dudch_pipeline.pipeline_func).parameters.items()
-            if name not in ("raw_data", "cache_dir", "mlflow_parent_run_id")}
+            if with_run_inputs or name not in RUN_INPUTS}
 
 
 def _params(args):
@@ -88,8 +108,8 @@ def _params(args):
         print(f"{name:<26} {getattr(p.annotation, '__name__', str(p.annotation)):<10} {p.default}")
 
 
-def _parse_params(pairs):
-    declared, parsed = _pipeline_parameters(), {}
+def _parse_params(pairs, with_run_inputs=False):
+    declared, parsed = _pipeline_parameters(with_run_inputs), {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in declared:
@@ -143,6 +163,49 @@ def _run(args):
     print(tracking.format_table(tracking.report(experiment_id, run_id)))
     print(f"\nCompare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri "
           f"{tracking.tracking_uri(root)}\n")
+
+
+def _submit(args):
+    import requests
+
+    host, token = args.host.rstrip("/"), os.environ.get("KFP_TOKEN")
+    try:
+        health = requests.get(f"{host}/apis/v2beta1/healthz", timeout=10,
+                              headers={"Authorization": f"Bearer {token}"} if token else {})
+    except requests.RequestException as error:
+        raise DudchError(f"cannot reach Kubeflow Pipelines at {host} ({type(error).__name__}); check "
+                         f"--host (e.g. `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80` "
+                         f"and --host http://localhost:8080)") from None
+    if health.status_code in (401, 403):
+        raise DudchError(f"Kubeflow Pipelines at {host} refused the request (HTTP {health.status_code}); "
+                         f"set KFP_TOKEN to a valid token for this cluster")
+    params = _parse_params(args.param, with_run_inputs=True)
+    if "raw_data" not in params:
+        raise DudchError("--param raw_data=PATH is required: a path to the OpenClipart tree that the pods can read")
+    params.setdefault("cache_dir", "/tmp/dudch-cache")
+    if "mlflow_parent_run_id" not in params:
+        from pipeline import tracking
+        from pipeline.data import data_version
+
+        root = Path.cwd().resolve()
+        params["mlflow_parent_run_id"] = tracking.start_parent_run(
+            tracking.connect(root), params, "openclipart", data_version(root), tracking.git_commit(root))
+
+    import kfp
+
+    client = kfp.Client(host=host, namespace=args.namespace, existing_token=token)
+    version = time.strftime("%Y%m%d-%H%M%S")
+    pipeline_id = client.get_pipeline_id(args.pipeline_name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(args.package), pipeline_name=args.pipeline_name).pipeline_id
+        version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+    else:
+        version_id = client.upload_pipeline_version(str(args.package), pipeline_version_name=version,
+                                                    pipeline_id=pipeline_id).pipeline_version_id
+    experiment = client.create_experiment(args.experiment, namespace=args.namespace)
+    run = client.run_pipeline(experiment_id=experiment.experiment_id, job_name=f"dudch-{version}",
+                              pipeline_id=pipeline_id, version_id=version_id, params=params)
+    print(f"run {run.run_id}\n{host}/#/runs/details/{run.run_id}")
 
 
 def _compile(args):

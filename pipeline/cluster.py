@@ -15,6 +15,10 @@ GPU_TOLERATION = os.environ.get("DUDCH_GPU_TOLERATION", "nvidia.com/gpu:NoSchedu
 GPU_CPU_REQUEST = os.environ.get("DUDCH_GPU_CPU_REQUEST", "4")
 GPU_MEMORY_REQUEST = os.environ.get("DUDCH_GPU_MEMORY_REQUEST", "16G")
 SECRET = os.environ.get("DUDCH_SECRET", "dudch-credentials")
+# A PersistentVolumeClaim holding the raw data, mounted at DATA_MOUNT on the prepare task;
+# then run with raw_data=/data/openclipart. Empty: the data must be in the image.
+DATA_PVC = os.environ.get("DUDCH_DATA_PVC", "")
+DATA_MOUNT = "/data"
 CONFIG_MAP = os.environ.get("DUDCH_CONFIG_MAP", "dudch-config")
 
 # Secret keys -> environment variables: object-store credentials (S3 or MinIO).
@@ -22,6 +26,13 @@ SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY":
 # Config map keys -> environment variables: where MLflow and the object store are.
 CONFIG_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
               "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
+
+
+def with_data(task):
+    """Mount the raw-data volume (DUDCH_DATA_PVC) on `task`, when one is configured."""
+    if DATA_PVC:
+        kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
+    return task
 
 
 def on_cluster(task, gpu=False, cache=False):

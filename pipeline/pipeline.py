@@ -10,7 +10,7 @@ from components.prepare import prepare_data
 from components.similarity import reconstruct_similarity
 from components.student import train_student
 from components.teacher import train_teacher
-from pipeline.cluster import on_cluster
+from pipeline.cluster import on_cluster, with_data
 from dudch.prepare import PrepareConfig
 from dudch.similarity import DEFAULT_RULE, DEFAULT_SOURCE
 from dudch.student import StudentConfig
@@ -54,7 +54,7 @@ def dudch_pipeline(
     prepared = prepare_data(raw_data=raw_data, cache_dir=cache_dir, seed=seed, max_items=max_items,
                             min_word_count=min_word_count, min_label_size=min_label_size,
                             image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
-    on_cluster(prepared, cache=True)
+    with_data(on_cluster(prepared, cache=True))
     features = prepared.outputs["features"]
     with dsl.ParallelFor(bits) as k:
         teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,

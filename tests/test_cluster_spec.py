@@ -78,3 +78,13 @@ def test_image_and_gpu_placement_are_compile_time_settings(tmp_path):
     assert {executor(spec, s)["image"] for s in STAGES} == {"registry.example/dudch-python:1.2"}
     assert platform["exec-train-teacher"]["nodeSelector"]["labels"] == {"pool": "h100"}
     assert platform["exec-train-student"]["tolerations"][0] == {"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}
+
+
+def test_a_data_volume_can_be_mounted_on_the_prepare_task(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    assert dudch("compile", "--output", str(out), env={"DUDCH_DATA_PVC": "openclipart-data"}).returncode == 0
+    _, platform = load(out)
+    (mount,) = platform["exec-prepare-data"]["pvcMount"]
+    assert mount["mountPath"] == "/data" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "openclipart-data"
+    _, default = load()
+    assert "pvcMount" not in default["exec-prepare-data"]

@@ -48,3 +48,39 @@ def test_help_explains_every_command():
         assert command in done.stdout
     params = dudch("params").stdout
     assert "teacher_epochs" in params and "similarity_rule" in params
+
+
+def test_submit_to_an_unreachable_host_fails_fast_with_one_line():
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.time()
+    done = dudch("submit", "--host", f"http://127.0.0.1:{port}", "--param", "raw_data=/data", timeout=60)
+    assert done.returncode == 2 and time.time() - started < 30
+    assert done.stderr.count("\n") == 1
+    assert f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}" in done.stderr and "--host" in done.stderr
+
+
+def test_submit_reports_a_refused_token(tmp_path):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        done = dudch("submit", "--host", f"http://127.0.0.1:{server.server_port}", "--param", "raw_data=/d",
+                     env={"KFP_TOKEN": "expired"}, timeout=60)
+    finally:
+        server.server_close()
+    assert done.returncode == 2 and "refused the request (HTTP 401)" in done.stderr and "KFP_TOKEN" in done.stderr
