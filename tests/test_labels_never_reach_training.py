@@ -5,7 +5,6 @@ trained codes; and in the pipeline only the evaluate task may consume the labels
 import shutil
 
 import numpy as np
-import pytest
 import yaml
 
 from dudch import nets, openclipart, prepare
