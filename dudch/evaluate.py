@@ -54,8 +54,8 @@ def teacher_codes(teacher, features, split="query"):
 def student_codes(student, database_codes, features, split="query"):
     """The transductive ('student') and inductive ('student_inductive') variants."""
     query, database, mask = split_rows(features, split)
-    q_image, q_text = network_codes(student, features, query)
     inductive = cross_modal(query, database, lambda rows: network_codes(student, features, rows))
+    q_image, q_text = inductive["i2t"][0], inductive["t2i"][0]
     b = database_codes[mask]
     return {"student": {"i2t": (q_image, b), "t2i": (q_text, b)}, "student_inductive": inductive}
 

@@ -115,12 +115,6 @@ def rank_statistics(query_codes, db_codes, query_labels, db_labels, top_k=None, 
     return dict(ap_all=ap_all, ap_top=ap_top, hits_at=hits_at, at_distance=at_d, relevant_at_distance=rel_at_d)
 
 
-def hamming_distances(query_codes, db_codes):
-    """int array (n_query, n_db) of Hamming distances (for inspection; the metrics don't need it)."""
-    k = np.shape(query_codes)[1]
-    return ((k - np.asarray(query_codes, np.float32) @ np.asarray(db_codes, np.float32).T) / 2).astype(np.int32)
-
-
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=None):
     """mAP@top_k (top_k None: the whole database). Returns a float in [0, 1]."""
     stats = rank_statistics(query_codes, db_codes, query_labels, db_labels, top_k)

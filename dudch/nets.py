@@ -46,8 +46,14 @@ class HashNets(nn.Module):
         return self.image(image), self.text(text)
 
 
-def check_pairs(image, text):
-    """Validate a pair of feature matrices: 2-D, same row count, finite. Returns float32 arrays."""
+def check_pairs(image, text, pixels=False):
+    """Validate a pair of feature matrices: 2-D, same row count, finite. Returns float32 arrays.
+    With pixels=True `image` holds uint8 images (n, h, w, 3), checked for their count only and
+    returned as they are (possibly memory-mapped)."""
+    if pixels:
+        if len(image) != len(text):
+            raise DudchError(f"{len(image)} images but {len(text)} text rows; rerun the prepare stage")
+        return image, check_pairs(np.zeros((len(text), 1)), text)[1]
     image, text = np.asarray(image, dtype=np.float32), np.asarray(text, dtype=np.float32)
     if image.ndim != 2 or text.ndim != 2:
         raise DudchError(f"features must be 2-D (items x dims), got image {image.shape} and text "
@@ -73,21 +79,21 @@ def image_input(nets, features):
 
 
 @torch.no_grad()
+def _batched(nets, function, *arrays, batch_size=None):
+    """`function` over row batches of `arrays`, as tensors on the networks' device; returns its
+    outputs (a tuple) concatenated into float32 numpy arrays. Pixels go in smaller batches."""
+    batch_size = batch_size or (128 if nets.takes_pixels else 4096)
+    device = next(nets.parameters()).device
+    outputs = [function(*(torch.from_numpy(np.asarray(a[s:s + batch_size])).to(device) for a in arrays))
+               for s in range(0, len(arrays[0]), batch_size)]
+    return tuple(torch.cat([o[m] for o in outputs]).float().cpu().numpy() for m in range(len(outputs[0])))
+
+
 def hash_outputs(nets, image, text, batch_size=None):
     """Continuous hash-layer outputs (h_image, h_text), float32 arrays (n, bits) each.
     `image` is what the image branch takes: features (n, d) or uint8 pixels (n, h, w, 3)."""
-    if nets.takes_pixels:
-        if len(image) != len(text):
-            raise DudchError(f"{len(image)} images but {len(text)} text rows; rerun the prepare stage")
-        text = check_pairs(np.zeros((len(text), 1), np.float32), text)[1]
-    else:
-        image, text = check_pairs(image, text)
-    batch_size = batch_size or (128 if nets.takes_pixels else 4096)
-    device = next(nets.parameters()).device
-    outputs = [nets(torch.from_numpy(np.asarray(image[s:s + batch_size])).to(device),
-                    torch.from_numpy(text[s:s + batch_size]).to(device))
-               for s in range(0, len(text), batch_size)]
-    return tuple(torch.cat([o[m] for o in outputs]).float().cpu().numpy() for m in (0, 1))
+    image, text = check_pairs(image, text, pixels=nets.takes_pixels)
+    return _batched(nets, nets, image, text, batch_size=batch_size)
 
 
 def sign(values):
@@ -111,18 +117,15 @@ def load(path):
     return nets.eval(), saved["config"]
 
 
-@torch.no_grad()
 def hidden_features(nets, image, text, batch_size=None):
     """The activations feeding each branch's hash layer (its 'deep features'): float32 arrays
     (n, hidden) per modality. A branch with no hidden layer returns its input features."""
-    batch_size = batch_size or (128 if nets.takes_pixels else 4096)
-    text = np.asarray(text, dtype=np.float32)
+    image, text = check_pairs(image, text, pixels=nets.takes_pixels)
 
     def below_hash_layer(branch, x):
-        if isinstance(branch, nn.Sequential):
-            return torch.cat([branch[:-1](torch.from_numpy(np.asarray(x[s:s + batch_size]))).float()
-                              for s in range(0, len(x), batch_size)]).numpy()
-        return np.asarray(x, dtype=np.float32)
+        if not isinstance(branch, nn.Sequential):
+            return np.asarray(x, dtype=np.float32)
+        return _batched(nets, lambda batch: (branch[:-1](batch),), x, batch_size=batch_size)[0]
 
     return below_hash_layer(nets.image, image), below_hash_layer(nets.text, text)
 

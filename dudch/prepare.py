@@ -14,7 +14,7 @@ import numpy as np
 
 from dudch import DudchError, openclipart
 from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, ImageEncoder, bag_of_words, render_svg
-from dudch.storage import save_npz
+from dudch.storage import save_json, save_npy, save_npz
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ def prepare(raw_root, cache_dir, config=PrepareConfig(), progress=True):
         items = items[:config.max_items]
     warnings = []
 
-    image, rendered = _image_features(raw_root, items, cache_dir, config, progress)
-    pixels = _pixels(raw_root, items, cache_dir, config, progress) if config.keep_pixels else None
+    image, rendered, pixels = _images(raw_root, items, cache_dir, config, progress)
     if not rendered.all():
         warnings.append(f"{int((~rendered).sum())} drawings could not be rendered and were left out")
         items = [it for it, ok in zip(items, rendered) if ok]
@@ -124,54 +123,52 @@ def _cache_key(items, **settings):
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def _image_features(raw_root, items, cache_dir, config, progress):
-    """(features float32 (n, 1280), rendered bool (n,)), from the cache when it has them."""
-    key = _cache_key(items, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation="[-1,1]")
-    cache = Path(cache_dir) / f"image-features-{key}.npz"
-    if cache.exists():
-        with np.load(cache) as cached:
-            return cached["features"], cached["rendered"]
+def _images(raw_root, items, cache_dir, config, progress):
+    """(features float32 (n, 1280), rendered bool (n,), pixels uint8 (n, size, size, 3) when
+    config.keep_pixels else None). Both are cached by the items' content hashes and the
+    extractor settings (pixels as a memory-mappable .npy); whatever the cache lacks is
+    computed in one rendering pass."""
+    cache = Path(cache_dir)
+    features_path = cache / f"image-features-{_cache_key(items, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]')}.npz"
+    pixels_path = cache / f"pixels-{_cache_key(items, size=config.image_size)}.npy"
+    encode = not features_path.exists()
+    keep = config.keep_pixels and not pixels_path.exists()
+    if encode or keep:
+        _render(raw_root, items, config, progress, features_path if encode else None,
+                pixels_path if keep else None)
+    with np.load(features_path) as cached:
+        features, rendered = cached["features"], cached["rendered"]
+    return features, rendered, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None
 
+
+def _render(raw_root, items, config, progress, features_path, pixels_path):
+    """Render every drawing once; encode the batches into `features_path` and/or keep the pixels
+    (white where rendering failed) in `pixels_path`, whichever is given."""
     from tqdm import tqdm
 
-    encoder = ImageEncoder()
+    encoder = ImageEncoder() if features_path else None
     features = np.zeros((len(items), IMAGE_FEATURE_DIM), dtype=np.float32)
     rendered = np.zeros(len(items), dtype=bool)
-    bar = tqdm(total=len(items), desc="render + encode images", unit="img", disable=not progress)
-    for start in range(0, len(items), config.batch_size):
-        batch, rows = [], []
-        for i in range(start, min(start + config.batch_size, len(items))):
-            pixels = render_svg(Path(raw_root) / items[i]["paths"][0], config.image_size)
-            if pixels is not None:
-                batch.append(pixels)
-                rows.append(i)
-        if batch:
-            features[rows] = encoder.encode(np.stack(batch))
-            rendered[rows] = True
-        bar.update(min(config.batch_size, len(items) - start))
-    bar.close()
-    save_npz(cache, features=features, rendered=rendered)
-    return features, rendered
-
-
-def _pixels(raw_root, items, cache_dir, config, progress):
-    """uint8 (n, size, size, 3) rendered images (white where rendering failed), cached as a
-    memory-mappable .npy by (the items' content hashes, image size)."""
-    cache = Path(cache_dir) / f"pixels-{_cache_key(items, size=config.image_size)}.npy"
-    if not cache.exists():
-        from tqdm import tqdm
-
-        from dudch.storage import atomic_file
-
-        pixels = np.full((len(items), config.image_size, config.image_size, 3), 255, dtype=np.uint8)
-        for i, item in enumerate(tqdm(items, desc="render images", unit="img", disable=not progress)):
-            rendered = render_svg(Path(raw_root) / item["paths"][0], config.image_size)
-            if rendered is not None:
-                pixels[i] = rendered
-        with atomic_file(cache) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, pixels)
-    return np.load(cache, mmap_mode="r")
+    size = config.image_size
+    pixels = np.full((len(items), size, size, 3), 255, dtype=np.uint8) if pixels_path else None
+    with tqdm(total=len(items), desc="render + encode images" if encoder else "render images",
+              unit="img", disable=not progress) as bar:
+        for start in range(0, len(items), config.batch_size):
+            rows = range(start, min(start + config.batch_size, len(items)))
+            images = {i: render_svg(Path(raw_root) / items[i]["paths"][0], size) for i in rows}
+            ok = [i for i, image in images.items() if image is not None]
+            if ok:
+                batch = np.stack([images[i] for i in ok])
+                rendered[ok] = True
+                if encoder:
+                    features[ok] = encoder.encode(batch)
+                if pixels is not None:
+                    pixels[ok] = batch
+            bar.update(len(rows))
+    if encoder:
+        save_npz(features_path, features=features, rendered=rendered)
+    if pixels is not None:
+        save_npy(pixels_path, pixels)
 
 
 def _check_finite(**arrays):
@@ -184,16 +181,11 @@ def _check_finite(**arrays):
 def save(directory, features=None, labels=None, info=None):
     """Write whichever of the three outputs are given into `directory` (atomically each).
     Pixels, when present, go to pixels.npy (uncompressed, memory-mappable)."""
-    from dudch.storage import atomic_file, save_json
-
     directory = Path(directory)
     if features is not None:
-        arrays = {k: v for k, v in features.items() if k != "pixels"}
-        save_npz(directory / "features.npz", **arrays)
+        save_npz(directory / "features.npz", **{k: v for k, v in features.items() if k != "pixels"})
         if "pixels" in features:
-            with atomic_file(directory / "pixels.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.asarray(features["pixels"]))
+            save_npy(directory / "pixels.npy", features["pixels"])
     if labels is not None:
         save_npz(directory / "labels.npz", **labels)
     if info is not None:

@@ -55,6 +55,13 @@ def save_npz(path, /, **arrays):
             np.savez_compressed(f, **arrays)
 
 
+def save_npy(path, array):
+    """np.save (uncompressed, memory-mappable), written atomically."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array))
+
+
 def save_json(path, obj):
     """JSON with sorted keys, written atomically."""
     with atomic_file(path) as tmp:

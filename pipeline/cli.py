@@ -125,15 +125,14 @@ def _parse_params(pairs, with_run_inputs=False):
 def _run(args):
     root = Path.cwd().resolve()
     from pipeline import tracking
-    from pipeline.data import OPENCLIPART, data_version
+    from pipeline.data import OPENCLIPART
 
     params = dict(bits=args.bits, max_items=args.max_items, seed=args.seed, **_parse_params(args.param))
     raw = root / OPENCLIPART
     if not raw.is_dir():
         raise DudchError(f"raw data not found at {OPENCLIPART}; run `dudch data openclipart` first")
     experiment_id = tracking.connect(root)
-    version = data_version(root)
-    run_id = tracking.start_parent_run(experiment_id, params, "openclipart", version, tracking.git_commit(root))
+    run_id = tracking.start_parent_run(root, experiment_id, params)
     print(f"MLflow parent run {run_id} in {tracking.tracking_uri(root)}", flush=True)
 
     import kfp.local
@@ -185,11 +184,9 @@ def _submit(args):
     params.setdefault("cache_dir", "/tmp/dudch-cache")
     if "mlflow_parent_run_id" not in params:
         from pipeline import tracking
-        from pipeline.data import data_version
 
         root = Path.cwd().resolve()
-        params["mlflow_parent_run_id"] = tracking.start_parent_run(
-            tracking.connect(root), params, "openclipart", data_version(root), tracking.git_commit(root))
+        params["mlflow_parent_run_id"] = tracking.start_parent_run(root, tracking.connect(root), params)
 
     import kfp
 

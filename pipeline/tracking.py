@@ -57,10 +57,14 @@ def git_commit(root):
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
-def start_parent_run(experiment_id, params, dataset, data_version, commit):
-    """Create the pipeline's parent run (left open for the stages' child runs); returns its id."""
+def start_parent_run(root, experiment_id, params, dataset="openclipart"):
+    """Create the pipeline's parent run (left open for the stages' child runs), tagged with the
+    DVC data version and the git commit of the project at `root`; returns its id."""
     import mlflow
 
+    from pipeline.data import data_version as pinned_version
+
+    data_version, commit = pinned_version(root), git_commit(root)
     client = mlflow.MlflowClient()
     run = client.create_run(experiment_id, run_name=f"pipeline-{dataset}", tags={
         KIND_TAG: "pipeline", "dudch.dataset": dataset, "dudch.data_version": data_version,

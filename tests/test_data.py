@@ -60,6 +60,17 @@ def test_a_second_prepare_reuses_the_cached_image_features(openclipart_root, tmp
     assert len(list(tmp_path.glob("image-features-*.npz"))) == 1
 
 
+def test_features_and_pixels_come_from_one_rendering_pass(openclipart_root, tmp_path, monkeypatch):
+    from dudch import prepare
+
+    rendered = []
+    real = prepare.render_svg
+    monkeypatch.setattr(prepare, "render_svg", lambda path, size: rendered.append(path) or real(path, size))
+    config = PrepareConfig(max_items=20, min_label_size=1, min_word_count=1, image_size=64, keep_pixels=True)
+    features, _, _ = prepare.prepare(openclipart_root, tmp_path, config, progress=False)
+    assert len(rendered) == len(set(rendered)) == 20 and len(features["pixels"]) == len(features["image"])
+
+
 def test_missing_archive_is_one_clear_line(tmp_path):
     with pytest.raises(DudchError, match="archive not found") as error:
         openclipart.fetch(tmp_path / "data", tmp_path / "dl", archive=tmp_path / "nope.deb")
