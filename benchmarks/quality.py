@@ -155,7 +155,7 @@ def main():
     started = time.time()
     rows, tuning, info = [], [], None
     for seed in args.seeds:
-        features, labels, info = prepare.prepare(ROOT / "data" / "openclipart", ROOT / ".dudch" / "cache",
+        features, labels, info = prepare.prepare(f"openclipart:{ROOT / 'data' / 'openclipart'}", ROOT / ".dudch" / "cache",
                                                  prepare.PrepareConfig(seed=seed, max_items=args.max_items))
         for bits in args.bits:
             designs = DESIGNS if seed == args.seeds[0] and bits == args.tune_bits else None

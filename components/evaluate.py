@@ -8,7 +8,8 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
              student: Input[Model], bits: int, mlflow_parent_run_id: str,
              metrics: Output[Metrics], results: Output[Artifact]):
     """mAP@all and mAP@50 (I->T, T->I) of teacher and student, precision-recall and
-    precision@top-R plots. The only stage that reads `labels`."""
+    precision@top-R plots. The only stage that reads `labels`; for a label-less dataset it
+    records that no mAP was computed, and why."""
     import json
     import os
 
@@ -27,6 +28,12 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
     with np.load(os.path.join(student.path, "codes.npz")) as saved:
         codes = saved["codes"]
     with stage_run(mlflow_parent_run_id, "evaluate", bits):
+        if label_data["labels"].shape[1] == 0:
+            print("The dataset has no labels: the codes were trained, no mAP can be computed.")
+            mlflow.set_tag("dudch.evaluation", "skipped: the dataset has no labels")
+            with open(results.path, "w") as f:
+                json.dump([], f)
+            return
         rows, curves = run_evaluation(feature_data, label_data, teacher_nets, student_nets, codes, bits)
         for row in rows:
             for name in ("map_all", "map_50"):

@@ -4,27 +4,43 @@ from components import component
 
 
 @component
-def prepare_data(raw_data: str, cache_dir: str, seed: int, max_items: int, min_word_count: int,
-                 min_label_size: int, image_input: str, mlflow_parent_run_id: str,
+def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, seed: int,
+                 max_items: int, min_word_count: int, min_label_size: int, text_features: str,
+                 image_input: str, mlflow_parent_run_id: str,
                  features: Output[Dataset], labels: Output[Dataset]):
-    """Raw OpenClipart tree -> `features` (image features, text BoW, split, and the rendered
-    pixels when image_input is "pixels": all that training reads) and `labels` (categories and
-    paths: read by evaluation alone)."""
+    """A dataset SOURCE (e.g. "manifest:data/own/pairs.jsonl") -> `features` (image and text
+    features, split, and the decoded pixels when image_input is "pixels": all that training
+    reads) and `labels` (read by evaluation alone). With `data_repo`, the SOURCE's path is
+    fetched through DVC from that repository at `data_rev`: exactly the pinned version."""
     from dataclasses import asdict
 
     import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
 
     from components.tracking import stage_run
-    from dudch import prepare
+    from dudch import prepare, sources
 
     config = prepare.PrepareConfig(seed=seed, max_items=max_items, min_word_count=min_word_count,
-                                   min_label_size=min_label_size, keep_pixels=image_input == "pixels")
+                                   min_label_size=min_label_size, text_features=text_features,
+                                   keep_pixels=image_input == "pixels")
     with stage_run(mlflow_parent_run_id, "prepare", params=asdict(config)):
-        feature_data, label_data, info = prepare.prepare(raw_data, cache_dir, config)
+        kind, path = sources.parse(dataset)
+        if data_repo:
+            from pipeline.data import fetch_pinned
+
+            local, pin = fetch_pinned(data_repo, data_rev or None, path, cache_dir)
+            dataset = f"{kind}:{local}"
+            mlflow.set_tags({"dudch.data_repo": data_repo, "dudch.data_rev": pin["rev"],
+                             "dudch.data_version": pin["md5"]})
+        feature_data, label_data, info = prepare.prepare(dataset, cache_dir, config)
         prepare.save(features.path, features=feature_data, info=info)
         prepare.save(labels.path, labels=label_data)
         mlflow.log_metrics({"items": info["items"], "text_dim": info["text_dim"],
-                            "num_labels": info["num_labels"],
+                            "num_labels": info["num_labels"], "warnings": len(info["warnings"]),
                             **{f"split_{k}": v for k, v in info["split"].items()}})
         mlflow.log_dict(info, "prepare_info.json")
+        # What training read, by content: the same digest means the same inputs.
+        mlflow.log_input(MetaDataset(resolve_dataset_source(data_repo or str(path or kind)),
+                                     name=kind, digest=info["digest"]), context="training")
     features.metadata.update(items=info["items"], text_dim=info["text_dim"])

@@ -13,7 +13,7 @@ validation items vs the database without them, so no item retrieves itself).
 
 import numpy as np
 
-from dudch import metrics
+from dudch import DudchError, metrics
 from dudch.nets import hash_outputs, image_input, sign
 
 DIRECTIONS = ("i2t", "t2i")
@@ -74,6 +74,9 @@ def score(codes_by_method, features, labels, bits, split="query", curves=True):
     curves: {method: {direction: {"pr": (precision, recall), "top": (cutoffs, precision)}}}
     (empty when curves=False).
     """
+    if labels["labels"].shape[1] == 0:
+        raise DudchError("the dataset has no labels, so mAP cannot be computed; give the items "
+                         "labels (e.g. \"labels\" in the manifest) to evaluate retrieval")
     query, database, _ = split_rows(features, split)
     query_labels, db_labels = labels["labels"][query], labels["labels"][database]
     cutoffs = np.array([c for c in PRECISION_CUTOFFS if c <= len(database)])

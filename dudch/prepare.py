@@ -1,8 +1,9 @@
-"""Stage 1: turn the raw OpenClipart tree into features, a split, and (separately) labels.
+"""Stage 1: turn a dataset (a SOURCE, see `dudch.sources`) into features, a split, and
+(separately) labels.
 
-Outputs two things on purpose. `features` (image features, text bag-of-words, item ids, the
-split) is all that training ever reads. `labels` (category multi-hot rows and the file paths,
-which name the categories) is read by evaluation alone.
+Outputs two things on purpose. `features` (image features, text features, item ids, the
+split) is all that training ever reads. `labels` (multi-hot rows, label names and the items'
+paths, which may name the categories) is read by evaluation alone.
 """
 
 import hashlib
@@ -12,93 +13,104 @@ from pathlib import Path
 
 import numpy as np
 
-from dudch import DudchError, openclipart
-from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, ImageEncoder, bag_of_words, render_svg
+from dudch import DudchError, sources
+from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, ImageEncoder, encode_text, text_dim
 from dudch.storage import save_json, save_npy, save_npz
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
     seed: int = 0
-    max_items: int = 0  # 0: all; else the first N labelled items by content hash (a fixed subset)
-    min_word_count: int = 5  # a tag word enters the vocabulary when this many drawings use it
-    min_label_size: int = 30  # a category folder becomes a label when it holds this many drawings
+    max_items: int = 0  # 0: all; else the dataset's first N labelled items (a fixed subset)
+    min_word_count: int = 5  # a text word enters the bag-of-words when this many items use it
+    min_label_size: int = 30  # OpenClipart: a category folder becomes a label at this many drawings
     image_size: int = 224
     query_fraction: float = 0.15  # DJSRH: 2,000 queries of ~20,000; scaled down, capped at 2,000
     train_fraction: float = 0.6  # of the database; DJSRH: 5,000, the cap
     validation_fraction: float = 0.15  # of all items, from the database outside the training set
     batch_size: int = 64
-    keep_pixels: bool = False  # also output the rendered images (for teacher fine-tuning)
+    keep_pixels: bool = False  # also output the decoded images (for teacher fine-tuning)
+    text_features: str = "bow"  # "bow" or "minilm" (sentence embeddings)
 
 
-def prepare(raw_root, cache_dir, config=PrepareConfig(), progress=True):
-    """Build the dataset from the SVG tree at `raw_root`.
+def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
+    """Build the dataset named by `source` (e.g. "openclipart", "manifest:pairs.jsonl").
 
     Returns (features, labels, info): two dicts of numpy arrays and a JSON-able summary.
-      features: image float32 (n, 1280); text float32 (n, V); item_id str (n,);
-                query, database, train, validation int64 index arrays into the n items.
-      labels:   labels uint8 (n, L); label_names str (L,); path str (n,).
-    Image features are cached in `cache_dir` by (the items' content hashes, extractor
-    settings), so a rerun on the same data does not render or encode again.
+      features: image float32 (n, d_image); text float32 (n, d_text); item_id str (n,);
+                query, database, train, validation int64 index arrays into the n items;
+                pixels uint8 (n, size, size, 3) when config.keep_pixels.
+      labels:   labels uint8 (n, L) (L = 0 for a label-less dataset); label_names str (L,);
+                path str (n,).
+    Image features are cached in `cache_dir` by (the images' content, extractor settings), so
+    a rerun on the same data does not decode or encode again.
     """
-    drawings = openclipart.scan(raw_root)
-    items = _merge_duplicates(drawings)
-    label_names = _label_names(items, config.min_label_size)
-    label_index = {name: j for j, name in enumerate(label_names)}
-    items = [it for it in items if any(c in label_index for c in it["categories"])]
+    data = sources.load(source, config.min_label_size)
     if config.max_items:
-        items = items[:config.max_items]
-    warnings = []
+        data = data.subset(np.arange(min(config.max_items, len(data))))
+    warnings = data.warnings
 
-    image, rendered, pixels = _images(raw_root, items, cache_dir, config, progress)
-    if not rendered.all():
-        warnings.append(f"{int((~rendered).sum())} drawings could not be rendered and were left out")
-        items = [it for it, ok in zip(items, rendered) if ok]
-        image = image[rendered]
-        pixels = pixels[rendered] if pixels is not None else None
+    if data.images is None:
+        if config.keep_pixels:
+            raise DudchError(f"{source} gives image features, not images: the teacher cannot "
+                             f"fine-tune on pixels; use teacher_image_input=features")
+        image, pixels = data.image_features, None
+    else:
+        image, rendered, pixels = _images(data, cache_dir, config, progress)
+        if not rendered.all():
+            warnings.append(f"{int((~rendered).sum())} images could not be decoded and were left out")
+            data = data.subset(rendered)
+            image = image[rendered]
+            pixels = pixels[rendered] if pixels is not None else None
 
-    text, vocabulary = bag_of_words([it["tags"] for it in items], config.min_word_count,
-                                    drop_words=openclipart.folder_words(d.path for d in drawings))
-    empty_text = int((text.sum(axis=1) == 0).sum())
+    text, vocabulary = encode_text(data, config.min_word_count, config.text_features)
+    empty_text = int((np.abs(text).sum(axis=1) == 0).sum())
     if empty_text:
-        warnings.append(f"{empty_text} drawings have no tag word in the vocabulary (all-zero text)")
+        warnings.append(f"{empty_text} items have no text word in the vocabulary (all-zero text); "
+                        f"they are kept")
 
-    labels = np.zeros((len(items), len(label_names)), dtype=np.uint8)
-    for i, it in enumerate(items):
-        labels[i, [label_index[c] for c in it["categories"] if c in label_index]] = 1
-
-    split = make_split(len(items), config)
+    split = make_split(len(data), config)
     _check_finite(image=image, text=text)
-    features = dict(image=image, text=text, item_id=np.array([it["sha1"] for it in items]), **split)
+    features = dict(image=image, text=text, item_id=data.item_id, **split)
     if pixels is not None:
         features["pixels"] = pixels
-    label_data = dict(labels=labels, label_names=np.array(label_names),
-                      path=np.array([it["paths"][0] for it in items]))
-    info = dict(dataset="openclipart", items=len(items), image_dim=int(image.shape[1]),
-                text_dim=len(vocabulary), num_labels=len(label_names),
+    labels = data.labels if data.labels is not None else np.zeros((len(data), 0), dtype=np.uint8)
+    label_data = dict(labels=labels, label_names=np.array(data.label_names, dtype=str),
+                      path=data.path)
+    info = dict(dataset=data.kind, source=str(source), digest=_digest(features), items=len(data), image_dim=int(image.shape[1]),
+                text_dim=int(text.shape[1]), num_labels=int(labels.shape[1]),
                 split={k: len(v) for k, v in split.items()}, warnings=warnings,
                 config=asdict(config), vocabulary_head=vocabulary[:20])
     return features, label_data, info
 
 
-def _merge_duplicates(drawings):
-    """One item per distinct file content; a file found in several folders gets all their
-    categories and the union of its tags. Sorted by content hash."""
-    merged = {}
-    for d in drawings:
-        item = merged.setdefault(d.sha1, dict(sha1=d.sha1, paths=[], tags=[], categories=[]))
-        item["paths"].append(d.path)
-        item["tags"] += [t for t in d.tags if t not in item["tags"]]
-        item["categories"] += [c for c in openclipart.categories(d.path) if c not in item["categories"]]
-    return [merged[k] for k in sorted(merged)]
+def _digest(features):
+    """A content digest of what training reads (ids, features, split)."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in features if k != "pixels"):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(features[key]).tobytes())
+    return digest.hexdigest()[:32]
 
 
-def _label_names(items, min_size):
-    counts = {}
-    for it in items:
-        for c in it["categories"]:
-            counts[c] = counts.get(c, 0) + 1
-    return sorted(c for c, n in counts.items() if n >= min_size)
+def describe(source, config=PrepareConfig()):
+    """What `dudch data inspect` prints, without decoding any image:
+    {"n", "image": {"kind": "pixels"|"features", "shape"}, "text_dim", "num_labels", "warnings"}."""
+    data = sources.load(source, config.min_label_size)
+    if data.images is None:
+        image = dict(kind="features", shape=list(data.image_features.shape))
+    else:
+        stored = getattr(data.images, "shape", None)  # .mat pixels have a stored size
+        size = stored[1:] if stored else (config.image_size, config.image_size, 3)
+        image = dict(kind="pixels", shape=[len(data), *map(int, size)])
+    warnings = list(data.warnings)
+    if config.text_features == "bow":
+        empty = int((encode_text(data, config.min_word_count)[0].sum(axis=1) == 0).sum())
+        if empty:
+            warnings.append(f"{empty} items have no text word in the vocabulary (all-zero text); "
+                            f"they are kept")
+    return dict(n=len(data), image=image, text_dim=int(text_dim(data, config.min_word_count, config.text_features)),
+                num_labels=0 if data.labels is None else int(data.labels.shape[1]), warnings=warnings)
 
 
 def make_split(n, config):
@@ -118,55 +130,60 @@ def make_split(n, config):
                 validation=np.sort(database[n_train:n_train + n_val]))
 
 
-def _cache_key(items, **settings):
-    source = json.dumps(dict(items=[it["sha1"] for it in items], **settings), sort_keys=True)
+def _cache_key(content_keys, **settings):
+    source = json.dumps(dict(items=list(map(str, content_keys)), **settings), sort_keys=True)
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def _images(raw_root, items, cache_dir, config, progress):
-    """(features float32 (n, 1280), rendered bool (n,), pixels uint8 (n, size, size, 3) when
-    config.keep_pixels else None). Both are cached by the items' content hashes and the
+def _images(data, cache_dir, config, progress):
+    """(features float32 (n, 1280), decoded bool (n,), pixels uint8 (n, size, size, 3) when
+    config.keep_pixels else None). Both are cached by the images' content keys and the
     extractor settings (pixels as a memory-mappable .npy); whatever the cache lacks is
-    computed in one rendering pass."""
+    computed in one decoding pass."""
     cache = Path(cache_dir)
-    features_path = cache / f"image-features-{_cache_key(items, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]')}.npz"
-    pixels_path = cache / f"pixels-{_cache_key(items, size=config.image_size)}.npy"
+    keys = data.content_keys
+    features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]')}.npz"
+    pixels_path = cache / f"pixels-{_cache_key(keys, size=config.image_size)}.npy"
     encode = not features_path.exists()
     keep = config.keep_pixels and not pixels_path.exists()
     if encode or keep:
-        _render(raw_root, items, config, progress, features_path if encode else None,
-                pixels_path if keep else None)
+        _decode(data, config, progress, features_path if encode else None, pixels_path if keep else None)
     with np.load(features_path) as cached:
-        features, rendered = cached["features"], cached["rendered"]
-    return features, rendered, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None
+        features, decoded = cached["features"], cached["rendered"]
+    return features, decoded, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None
 
 
-def _render(raw_root, items, config, progress, features_path, pixels_path):
-    """Render every drawing once; encode the batches into `features_path` and/or keep the pixels
-    (white where rendering failed) in `pixels_path`, whichever is given."""
+def _decode(data, config, progress, features_path, pixels_path):
+    """Decode every image once; encode the batches into `features_path` and/or keep the pixels
+    (white where decoding failed) in `pixels_path`, whichever is given. An image that cannot be
+    decoded is an error unless the source allows skipping (OpenClipart's few broken SVGs)."""
     from tqdm import tqdm
 
     encoder = ImageEncoder() if features_path else None
-    features = np.zeros((len(items), IMAGE_FEATURE_DIM), dtype=np.float32)
-    rendered = np.zeros(len(items), dtype=bool)
-    size = config.image_size
-    pixels = np.full((len(items), size, size, 3), 255, dtype=np.uint8) if pixels_path else None
-    with tqdm(total=len(items), desc="render + encode images" if encoder else "render images",
+    n, size = len(data), config.image_size
+    features = np.zeros((n, IMAGE_FEATURE_DIM), dtype=np.float32)
+    decoded = np.zeros(n, dtype=bool)
+    pixels = np.full((n, size, size, 3), 255, dtype=np.uint8) if pixels_path else None
+    with tqdm(total=n, desc="decode + encode images" if encoder else "decode images",
               unit="img", disable=not progress) as bar:
-        for start in range(0, len(items), config.batch_size):
-            rows = range(start, min(start + config.batch_size, len(items)))
-            images = {i: render_svg(Path(raw_root) / items[i]["paths"][0], size) for i in rows}
-            ok = [i for i, image in images.items() if image is not None]
+        for start in range(0, n, config.batch_size):
+            rows = np.arange(start, min(start + config.batch_size, n))
+            images = data.images.batch(data.rows[rows], size)
+            ok = [i for i, image in zip(rows, images) if image is not None]
+            if len(ok) < len(rows) and not data.skip_unreadable:
+                bad = next(i for i, image in zip(rows, images) if image is None)
+                raise DudchError(f"cannot decode image {data.path[bad]} (item {data.item_id[bad]}); "
+                                 f"replace or remove it")
             if ok:
-                batch = np.stack([images[i] for i in ok])
-                rendered[ok] = True
+                batch = np.stack([image for image in images if image is not None])
+                decoded[ok] = True
                 if encoder:
                     features[ok] = encoder.encode(batch)
                 if pixels is not None:
                     pixels[ok] = batch
             bar.update(len(rows))
     if encoder:
-        save_npz(features_path, features=features, rendered=rendered)
+        save_npz(features_path, features=features, rendered=decoded)
     if pixels is not None:
         save_npy(pixels_path, pixels)
 

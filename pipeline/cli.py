@@ -14,6 +14,9 @@ from pathlib import Path
 from dudch import DudchError
 
 PIPELINE_YAML = "pipeline.yaml"
+SOURCES_HELP = ("openclipart (the embedded default), mirflickr25k:DIR or nuswide:DIR (Cleared-Set "
+                ".mat files), mirflickr25k-zip:FILE (the original release), manifest:FILE (JSONL or "
+                "CSV of image,text[,labels]; see README 'Your data')")
 LOCAL_PARALLEL_TASKS = 2  # kfp.local runs at most two tasks of a ParallelFor at once
 
 
@@ -37,21 +40,41 @@ def _parser():
         "evaluate), tracked in MLflow. Run from the project root.")
     commands = parser.add_subparsers(title="commands")
 
-    data = commands.add_parser("data", help="obtain datasets").add_subparsers(title="datasets")
+    data = commands.add_parser("data", help="obtain, inspect and version datasets").add_subparsers(title="data commands")
     oc = data.add_parser("openclipart", help="fetch Debian's openclipart-svg 1:0.18+dfsg-19, check "
                          "its SHA-256, extract it to data/openclipart and check it against data.dvc")
     oc.add_argument("--archive", type=Path, help="use this local .deb instead of downloading it")
     oc.set_defaults(handler=_data_openclipart)
+    inspect_ = data.add_parser("inspect", help="print one JSON summary of a dataset (no image is "
+                               "decoded): n, image kind and shape, text_dim, num_labels, warnings",
+                               description=f"SOURCE is one of: {SOURCES_HELP}")
+    inspect_.add_argument("source", metavar="SOURCE")
+    _add_dataset_options(inspect_)
+    inspect_.set_defaults(handler=_data_inspect)
+    remote = data.add_parser("remote", help="make a DVC remote the default: s3://bucket/prefix (AWS, "
+                             "MinIO) or a local folder; credentials come from AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY in the environment and are never written")
+    remote.add_argument("url", help="s3://bucket/prefix or a folder")
+    remote.add_argument("--endpoint-url", help="an S3-compatible server, e.g. http://minio:9000")
+    remote.set_defaults(handler=_data_remote)
+    for direction, what in (("push", "upload the data pinned by .dvc files to the default remote"),
+                            ("pull", "download the data pinned by .dvc files from the default remote")):
+        transfer = data.add_parser(direction, help=what)
+        transfer.add_argument("targets", nargs="*", metavar="FILE.dvc", help="default: all")
+        transfer.set_defaults(handler=_data_transfer, direction=direction)
 
     run = commands.add_parser("run", help="run the pipeline with KFP local execution, log it to "
                               "MLflow, and print the results table",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--dataset", default="openclipart", metavar="SOURCE", help=SOURCES_HELP)
     run.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128], help="code lengths")
     run.add_argument("--max-items", type=int, default=0, help="use only the first N items by "
                      "content hash (0: all); a fixed subset for quick runs")
     run.add_argument("--seed", type=int, default=0, help="seeds the split and every stage")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                     help="any other pipeline parameter, e.g. teacher_epochs=20 (see `dudch params`)")
+                     help="any other pipeline parameter, e.g. teacher_epochs=20 or "
+                     "text_features=minilm; data_repo=URL data_rev=REV read the SOURCE's path "
+                     "through DVC from that repository at that revision (see `dudch params`)")
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser("submit", help=f"upload {PIPELINE_YAML} to a Kubeflow Pipelines "
@@ -68,7 +91,8 @@ def _parser():
     submit.add_argument("--package", type=Path, default=Path(PIPELINE_YAML),
                         help="the compiled pipeline to upload (make image writes build/pipeline.yaml)")
     submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="pipeline parameters; raw_data (a path the pods can read) is required")
+                        help="pipeline parameters; dataset=SOURCE is required, with a path the pods can "
+                        "read, or with data_repo=GIT_URL data_rev=REV to fetch it through DVC")
     submit.set_defaults(handler=_submit)
 
     params = commands.add_parser("params", help="list the pipeline's parameters and defaults")
@@ -93,7 +117,39 @@ def _data_openclipart(args):
     print(f"OpenClipart ready at {dest.relative_to(Path.cwd().resolve())} (matches data.dvc)")
 
 
-RUN_INPUTS = ("raw_data", "cache_dir", "mlflow_parent_run_id")  # set by `dudch run` itself
+def _add_dataset_options(parser):
+    from dudch.prepare import PrepareConfig
+
+    parser.add_argument("--min-word-count", type=int, default=PrepareConfig.min_word_count)
+    parser.add_argument("--min-label-size", type=int, default=PrepareConfig.min_label_size)
+    parser.add_argument("--text-features", choices=("bow", "minilm"), default=PrepareConfig.text_features)
+
+
+def _data_inspect(args):
+    from dudch.prepare import PrepareConfig, describe
+
+    config = PrepareConfig(min_word_count=args.min_word_count, min_label_size=args.min_label_size,
+                           text_features=args.text_features)
+    print(json.dumps(describe(args.source, config)))
+
+
+def _data_remote(args):
+    from pipeline.data import configure_remote
+
+    settings = configure_remote(Path.cwd(), args.url, args.endpoint_url)
+    print(f"default DVC remote: {settings['url']}"
+          + (f" at {settings['endpointurl']}" if "endpointurl" in settings else "")
+          + " (credentials from the environment)")
+
+
+def _data_transfer(args):
+    from pipeline.data import transfer
+
+    moved = transfer(Path.cwd(), args.direction, args.targets)
+    print(f"{args.direction}: {moved} files")
+
+
+RUN_INPUTS = ("dataset", "cache_dir", "mlflow_parent_run_id")  # set by `dudch run` itself
 
 
 def _pipeline_parameters(with_run_inputs=False):
@@ -125,14 +181,11 @@ def _parse_params(pairs, with_run_inputs=False):
 def _run(args):
     root = Path.cwd().resolve()
     from pipeline import tracking
-    from pipeline.data import OPENCLIPART
 
     params = dict(bits=args.bits, max_items=args.max_items, seed=args.seed, **_parse_params(args.param))
-    raw = root / OPENCLIPART
-    if not raw.is_dir():
-        raise DudchError(f"raw data not found at {OPENCLIPART}; run `dudch data openclipart` first")
+    dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
     experiment_id = tracking.connect(root)
-    run_id = tracking.start_parent_run(root, experiment_id, params)
+    run_id = tracking.start_parent_run(root, experiment_id, params, dataset, pin, data_uri)
     print(f"MLflow parent run {run_id} in {tracking.tracking_uri(root)}", flush=True)
 
     import kfp.local
@@ -149,7 +202,7 @@ def _run(args):
                    pipeline_root=str(root / ".dudch" / "kfp"))
     started, succeeded = time.perf_counter(), False
     try:
-        dudch_pipeline(raw_data=str(raw), cache_dir=str(root / ".dudch" / "cache"),
+        dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
                        mlflow_parent_run_id=run_id, **params)
         succeeded = True
     except RuntimeError as error:
@@ -162,6 +215,30 @@ def _run(args):
     print(tracking.format_table(tracking.report(experiment_id, run_id)))
     print(f"\nCompare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri "
           f"{tracking.tracking_uri(root)}\n")
+
+
+def _resolve_dataset(root, source, params, on_this_machine):
+    """(the SOURCE the tasks read, its DVC pin, its URI for MLflow). With data_repo the prepare
+    task fetches the pinned version; else the path is read where the tasks run: on this machine
+    (checked against its pin here) or in the cluster's pods (not checkable from here)."""
+    from dudch import sources
+    from pipeline import data
+
+    kind, path = sources.parse(source)
+    repo = params.get("data_repo")
+    if repo:
+        return source, data.pin(path, repo, params.get("data_rev") or None), repo
+    if not on_this_machine:
+        return source, dict(dvc_file=None, md5=None, rev=None), path or kind
+    local = (root / (path or sources.DEFAULT_OPENCLIPART)).resolve()
+    if not local.exists():
+        fix = "run `dudch data openclipart`" if kind == "openclipart" else "check the path"
+        raise DudchError(f"dataset not found at {local}; {fix}")
+    pin = data.pin(local, root, check_workspace=True)
+    if pin["md5"] is None:
+        print(f"warning: {local} is not tracked by DVC, so this run's data version is not "
+              f"pinned; `dvc add` it and commit the .dvc file", file=sys.stderr)
+    return f"{kind}:{local}", pin, local
 
 
 def _submit(args):
@@ -179,14 +256,18 @@ def _submit(args):
         raise DudchError(f"Kubeflow Pipelines at {host} refused the request (HTTP {health.status_code}); "
                          f"set KFP_TOKEN to a valid token for this cluster")
     params = _parse_params(args.param, with_run_inputs=True)
-    if "raw_data" not in params:
-        raise DudchError("--param raw_data=PATH is required: a path to the OpenClipart tree that the pods can read")
+    if "dataset" not in params:
+        raise DudchError("--param dataset=SOURCE is required (e.g. manifest:data/own/pairs.jsonl "
+                         "with data_repo=GIT_URL and data_rev=REV)")
     params.setdefault("cache_dir", "/tmp/dudch-cache")
     if "mlflow_parent_run_id" not in params:
         from pipeline import tracking
 
         root = Path.cwd().resolve()
-        params["mlflow_parent_run_id"] = tracking.start_parent_run(root, tracking.connect(root), params)
+        dataset, pin, data_uri = _resolve_dataset(root, params["dataset"], params, on_this_machine=False)
+        run_params = {k: v for k, v in params.items() if k not in RUN_INPUTS}
+        params["mlflow_parent_run_id"] = tracking.start_parent_run(
+            root, tracking.connect(root), run_params, dataset, pin, data_uri)
 
     import kfp
 

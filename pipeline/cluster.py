@@ -16,7 +16,8 @@ GPU_CPU_REQUEST = os.environ.get("DUDCH_GPU_CPU_REQUEST", "4")
 GPU_MEMORY_REQUEST = os.environ.get("DUDCH_GPU_MEMORY_REQUEST", "16G")
 SECRET = os.environ.get("DUDCH_SECRET", "dudch-credentials")
 # A PersistentVolumeClaim holding the raw data, mounted at DATA_MOUNT on the prepare task;
-# then run with raw_data=/data/openclipart. Empty: the data must be in the image.
+# then run with dataset=openclipart:/data/openclipart. Empty: the data comes through DVC
+# (data_repo, data_rev) or is in the image.
 DATA_PVC = os.environ.get("DUDCH_DATA_PVC", "")
 DATA_MOUNT = "/data"
 CONFIG_MAP = os.environ.get("DUDCH_CONFIG_MAP", "dudch-config")

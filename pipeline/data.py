@@ -1,12 +1,25 @@
-"""The raw data on disk and its DVC pin: `data.dvc` records the content hash of `data/`, which
-holds the extracted OpenClipart tree at `data/openclipart`."""
+"""The data on disk and its DVC pins.
 
+`data.dvc` pins `data/`, which holds the embedded OpenClipart tree at `data/openclipart`; users
+add their own datasets below `data/` (or in their own `.dvc` files) the same way. A run records
+which pin it read (`pin`); a cluster run fetches exactly that version by (repo, rev, path)
+(`fetch_pinned`). Remotes: a local folder by default, S3 or MinIO by `configure_remote`;
+credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from
+files this project writes.
+"""
+
+import contextlib
+import hashlib
+import logging
+import re
 from pathlib import Path
 
 from dudch import DudchError, openclipart
+from dudch.sources import DEFAULT_OPENCLIPART as OPENCLIPART
+from dudch.storage import atomic_dir
 
 DVC_FILE = "data.dvc"
-OPENCLIPART = Path("data") / "openclipart"
+REMOTE = "storage"
 
 
 def data_version(root):
@@ -45,3 +58,132 @@ def ensure_openclipart(root, archive=None):
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(version)
     return dest
+
+
+def pin(path, repo=".", rev=None, check_workspace=False):
+    """The DVC pin of the data at `path` (relative to the repository) in `repo` at `rev`
+    (None: the workspace). Returns {"dvc_file", "md5", "rev"}, with "md5" None when no .dvc file
+    tracks the path. `check_workspace`: refuse a workspace whose files differ from the pin."""
+    from dvc.repo import Repo
+    from dvc.exceptions import DvcException
+
+    try:
+        with Repo.open(str(repo), rev=rev, uninitialized=True) as dvc_repo:
+            commit = _resolved_rev(dvc_repo)
+            target = dvc_repo.fs.join(dvc_repo.root_dir, *Path(path).parts)
+            for out in dvc_repo.index.outs:
+                if target == out.fs_path or target.startswith(out.fs_path + dvc_repo.fs.sep):
+                    dvc_file = dvc_repo.fs.relpath(out.stage.path, dvc_repo.root_dir)
+                    if check_workspace and out.get_hash().value != out.hash_info.value:
+                        raise DudchError(f"{path} differs from the version pinned in {dvc_file}; "
+                                         f"run `dvc add {dvc_repo.fs.relpath(out.fs_path, dvc_repo.root_dir)}` "
+                                         f"(and commit the .dvc file) or `dudch data pull`")
+                    return dict(dvc_file=dvc_file, md5=out.hash_info.value, rev=commit)
+            return dict(dvc_file=None, md5=None, rev=commit)
+    except DvcException as error:
+        raise DudchError(f"cannot read the DVC pins of {repo} at {rev or 'the workspace'} "
+                         f"({_reason(error)}); check the repository and revision") from None
+
+
+def _resolved_rev(dvc_repo):
+    try:
+        return dvc_repo.scm.get_rev()
+    except Exception:  # not a git repository
+        return None
+
+
+def fetch_pinned(repo, rev, path, cache_dir):
+    """Download the data at `path` of the DVC project `repo` (a git URL or folder) at `rev`
+    from its remote into `cache_dir`, once per (repo, rev, path); returns (local path, pin)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    found = pin(path, repo, rev)
+    if found["md5"] is None:
+        raise DudchError(f"{path} is not tracked by DVC in {repo} at {rev}; `dvc add` it there, "
+                         f"commit and push")
+    key = hashlib.sha256(f"{repo}\n{found['rev']}\n{path}".encode()).hexdigest()[:16]
+    dest = Path(cache_dir) / "fetched" / key
+    if not dest.exists():
+        try:
+            with atomic_dir(dest) as tmp:
+                Repo.get(str(repo), str(path), out=str(Path(tmp) / Path(path).name), rev=rev)
+        except DvcException as error:
+            raise DudchError(f"cannot fetch {path} from {repo} at {rev} ({_reason(error)}); check "
+                             f"the DVC remote and its credentials (AWS_ACCESS_KEY_ID, "
+                             f"AWS_SECRET_ACCESS_KEY)") from None
+    return dest / Path(path).name, found
+
+
+def configure_remote(root, url, endpoint_url=None):
+    """Make `url` (s3://bucket/prefix, or a local folder) the project's default DVC remote. An
+    S3-compatible server other than AWS is given by `endpoint_url`. Credentials are never
+    written: DVC reads them from the environment."""
+    from dvc.repo import Repo
+
+    if re.match(r"^[a-z0-9+]+://[^/]*@", url):
+        raise DudchError("the remote URL must not hold credentials; set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY in the environment instead")
+    if not url.startswith("s3://") and "://" in url:
+        raise DudchError(f"unsupported remote {url!r}: use s3://bucket/prefix or a local folder")
+    settings = {"url": url if url.startswith("s3://") else str(Path(url).resolve())}
+    if endpoint_url:
+        if not url.startswith("s3://"):
+            raise DudchError("--endpoint-url applies to s3:// remotes only")
+        settings["endpointurl"] = endpoint_url
+    with Repo(str(root)) as repo:
+        with repo.config.edit() as config:
+            config["remote"][REMOTE] = settings
+            config["core"]["remote"] = REMOTE
+    return settings
+
+
+def transfer(root, direction, targets=()):
+    """`dvc push` or `dvc pull` of `targets` (.dvc files; all when empty) with the default
+    remote. Returns the number of files moved; one-line DudchError when the remote fails."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        remote = repo.config["core"].get("remote")
+        if not remote:
+            raise DudchError("no DVC remote configured; run `dudch data remote s3://bucket/prefix "
+                             "--endpoint-url URL` (or a local folder)")
+        url = repo.config["remote"][remote]["url"]
+        with _dvc_errors() as errors:
+            try:
+                if direction == "push":
+                    return repo.push(targets=list(targets) or None)
+                return repo.pull(targets=list(targets) or None)["stats"]["fetched"]
+            except DvcException as error:
+                reason = errors[0] if errors else _reason(error)
+                raise DudchError(f"dvc {direction} with remote {remote!r} ({url}) failed ({reason}); "
+                                 f"check that the server is reachable, the bucket exists and "
+                                 f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are set") from None
+
+
+@contextlib.contextmanager
+def _dvc_errors():
+    """Collect the errors DVC and its data layer log (first lines) instead of printing them, so a
+    failure is the one line the caller raises."""
+    loggers, errors = [logging.getLogger(name) for name in ("dvc", "dvc_data", "dvc_objects")], []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            cause = f": {_reason(record.exc_info[1])}" if record.exc_info and record.exc_info[1] else ""
+            errors.append(_reason(record.getMessage()) + cause)
+
+    handler = Collect(level=logging.ERROR)
+    saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers[:], logger.propagate = [handler], False
+    try:
+        yield errors
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers[:], logger.propagate = handlers, propagate
+
+
+def _reason(error):
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

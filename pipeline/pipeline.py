@@ -21,14 +21,17 @@ T, S, P = TeacherConfig, StudentConfig, PrepareConfig
 
 @dsl.pipeline(name="dudch", description="Unsupervised cross-modal hashing by knowledge distillation (DUDCH)")
 def dudch_pipeline(
-    raw_data: str,
+    dataset: str,
     cache_dir: str,
     mlflow_parent_run_id: str,
+    data_repo: str = "",
+    data_rev: str = "",
     bits: List[int] = [16, 32, 64, 128],
     seed: int = P.seed,
     max_items: int = P.max_items,
     min_word_count: int = P.min_word_count,
     min_label_size: int = P.min_label_size,
+    text_features: str = P.text_features,
     teacher_epochs: int = T.epochs,
     teacher_batch_size: int = T.batch_size,
     beta: float = T.beta,
@@ -51,9 +54,10 @@ def dudch_pipeline(
     gamma: float = S.gamma,
     student_lr: float = S.lr,
 ):
-    prepared = prepare_data(raw_data=raw_data, cache_dir=cache_dir, seed=seed, max_items=max_items,
+    prepared = prepare_data(dataset=dataset, data_repo=data_repo, data_rev=data_rev,
+                            cache_dir=cache_dir, seed=seed, max_items=max_items,
                             min_word_count=min_word_count, min_label_size=min_label_size,
-                            image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
+                            text_features=text_features, image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
     with_data(on_cluster(prepared, cache=True))
     features = prepared.outputs["features"]
     with dsl.ParallelFor(bits) as k:

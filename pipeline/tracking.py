@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 from dudch import DudchError
@@ -57,21 +58,29 @@ def git_commit(root):
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
-def start_parent_run(root, experiment_id, params, dataset="openclipart"):
+def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
     """Create the pipeline's parent run (left open for the stages' child runs), tagged with the
-    DVC data version and the git commit of the project at `root`; returns its id."""
+    data's DVC pin (`pipeline.data.pin`; md5 "untracked" when no .dvc file tracks it) and the
+    git commit of the project at `root`, with the data logged as the run's input dataset
+    (`data_uri`: where it was read). Returns the run id."""
     import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
-    from pipeline.data import data_version as pinned_version
-
-    data_version, commit = pinned_version(root), git_commit(root)
+    version = pin["md5"] or "untracked"
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=f"pipeline-{dataset}", tags={
-        KIND_TAG: "pipeline", "dudch.dataset": dataset, "dudch.data_version": data_version,
-        "mlflow.source.git.commit": commit, "mlflow.source.name": "dudch run"})
-    for key, value in params.items():
+    run = client.create_run(experiment_id, run_name=f"pipeline-{dataset.split(':')[0]}", tags={
+        KIND_TAG: "pipeline", "dudch.dataset": dataset, "dudch.data_version": version,
+        "dudch.data_dvc_file": str(pin["dvc_file"]), "dudch.data_rev": str(pin["rev"]),
+        "mlflow.source.git.commit": git_commit(root), "mlflow.source.name": "dudch run"})
+    for key, value in {**params, "dataset": dataset, "data_version": version}.items():
         client.log_param(run.info.run_id, key, value)
-    client.log_param(run.info.run_id, "data_version", data_version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow warns that it guessed the source type
+        source = resolve_dataset_source(str(data_uri))
+    entity = MetaDataset(source, name=dataset.split(":")[0], digest=pin["md5"])._to_mlflow_entity()
+    client.log_inputs(run.info.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
     return run.info.run_id
 
 
@@ -120,6 +129,9 @@ def report(experiment_id, run_id=None):
 
 def format_table(report_object):
     """The results as a fixed-width text table: method x bits x direction."""
+    if not report_object["results"]:
+        return ("No mAP: the dataset has no labels (or evaluation has not run). The codes were "
+                "trained and logged; give the items labels to evaluate retrieval.")
     lines = [f"{'method':<10} {'bits':>4}  {'direction':<9} {'mAP@all':>8} {'mAP@50':>8}"]
     for r in report_object["results"]:
         lines.append(f"{r['method']:<10} {r['bits']:>4}  {r['direction']:<9} {r['map_all']:>8.4f} {r['map_50']:>8.4f}")

@@ -1,6 +1,15 @@
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
 from tests.helpers import OPENCLIPART
+
+# Credentials of the loopback S3 server: distinctive, so tests can prove they are never written.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "dudch-test-key", "AWS_SECRET_ACCESS_KEY": "dudch-test-secret-9f2c",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="session")
@@ -9,3 +18,45 @@ def openclipart_root():
     if not OPENCLIPART.is_dir():
         pytest.fail("data/openclipart is missing: run `make test` (or `dudch data openclipart`) first")
     return OPENCLIPART
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, process, what, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not open port {port} in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible HTTP server (moto's standalone server) on a loopback port, with its
+    credentials in this process's environment. Yields the endpoint URL."""
+    import os
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    try:
+        wait_for_port(port, server, "the moto S3 server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

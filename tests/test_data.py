@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dudch import DudchError, openclipart
+from dudch import DudchError, openclipart, sources
 from dudch.features import bag_of_words, render_svg
 from dudch.prepare import PrepareConfig, make_split
 from pipeline.data import ensure_openclipart, workspace_matches_pin
@@ -52,10 +52,10 @@ def test_a_second_prepare_reuses_the_cached_image_features(openclipart_root, tmp
     from dudch import prepare
 
     config = PrepareConfig(max_items=30, min_label_size=1, min_word_count=1, image_size=64)
-    first, _, _ = prepare.prepare(openclipart_root, tmp_path, config, progress=False)
+    first, _, _ = prepare.prepare(f"openclipart:{openclipart_root}", tmp_path, config, progress=False)
     monkeypatch.setattr(prepare, "ImageEncoder", None)  # any attempt to encode again would fail
-    monkeypatch.setattr(prepare, "render_svg", None)
-    second, _, _ = prepare.prepare(openclipart_root, tmp_path, config, progress=False)
+    monkeypatch.setattr(sources, "read_image", None)
+    second, _, _ = prepare.prepare(f"openclipart:{openclipart_root}", tmp_path, config, progress=False)
     np.testing.assert_array_equal(first["image"], second["image"])
     assert len(list(tmp_path.glob("image-features-*.npz"))) == 1
 
@@ -64,10 +64,10 @@ def test_features_and_pixels_come_from_one_rendering_pass(openclipart_root, tmp_
     from dudch import prepare
 
     rendered = []
-    real = prepare.render_svg
-    monkeypatch.setattr(prepare, "render_svg", lambda path, size: rendered.append(path) or real(path, size))
+    real = sources.read_image
+    monkeypatch.setattr(sources, "read_image", lambda path, size: rendered.append(path) or real(path, size))
     config = PrepareConfig(max_items=20, min_label_size=1, min_word_count=1, image_size=64, keep_pixels=True)
-    features, _, _ = prepare.prepare(openclipart_root, tmp_path, config, progress=False)
+    features, _, _ = prepare.prepare(f"openclipart:{openclipart_root}", tmp_path, config, progress=False)
     assert len(rendered) == len(set(rendered)) == 20 and len(features["pixels"]) == len(features["image"])
 
 

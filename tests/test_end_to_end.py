@@ -86,7 +86,7 @@ def test_run_prints_the_table_and_report_reads_it_back(pipeline_run, parent):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["run_id"] == parent.info.run_id
-    assert report["dataset"] == "openclipart" and report["data_version"].endswith(".dir")
+    assert report["dataset"] == f"openclipart:{ROOT / 'data' / 'openclipart'}" and report["data_version"].endswith(".dir")
     assert sorted((r["method"], r["bits"], r["direction"]) for r in report["results"]) == sorted(
         (m, b, d) for m in ("teacher", "student") for b in BITS for d in ("i2t", "t2i"))
     for row in report["results"]:

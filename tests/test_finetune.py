@@ -16,7 +16,7 @@ CONFIG = prepare.PrepareConfig(max_items=40, image_size=64, min_label_size=1, mi
 @pytest.fixture(scope="module")
 def prepared(openclipart_root, tmp_path_factory):
     directory = tmp_path_factory.mktemp("prepared")
-    features, labels, _ = prepare.prepare(openclipart_root, directory / "cache", CONFIG, progress=False)
+    features, labels, _ = prepare.prepare(f"openclipart:{openclipart_root}", directory / "cache", CONFIG, progress=False)
     prepare.save(directory, features=features, labels=labels)
     return directory, features, labels
 

@@ -52,8 +52,8 @@ def train_codes(features):
 def test_permuting_labels_changes_nothing_that_training_sees(openclipart_root, tmp_path):
     original, relabelled = relabelled_trees(openclipart_root, tmp_path)
     cache = tmp_path / "cache"
-    features_a, labels_a, _ = prepare.prepare(original, cache, CONFIG, progress=False)
-    features_b, labels_b, _ = prepare.prepare(relabelled, cache, CONFIG, progress=False)
+    features_a, labels_a, _ = prepare.prepare(f"openclipart:{original}", cache, CONFIG, progress=False)
+    features_b, labels_b, _ = prepare.prepare(f"openclipart:{relabelled}", cache, CONFIG, progress=False)
 
     assert not np.array_equal(labels_a["labels"], labels_b["labels"]), "the permutation must move labels"
     assert sorted(features_a) == sorted(features_b)

@@ -39,7 +39,7 @@ def test_unknown_parameter_and_missing_data_are_clear(tmp_path):
     assert done.returncode == 2 and "unknown pipeline parameter 'epochz=3'" in done.stderr
     (tmp_path / "data.dvc").write_text((ROOT / "data.dvc").read_text())
     done = dudch("run", cwd=tmp_path)
-    assert done.returncode == 2 and "run `dudch data openclipart` first" in done.stderr
+    assert done.returncode == 2 and "run `dudch data openclipart`" in done.stderr
 
 
 def test_help_explains_every_command():
@@ -58,7 +58,7 @@ def test_submit_to_an_unreachable_host_fails_fast_with_one_line():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.time()
-    done = dudch("submit", "--host", f"http://127.0.0.1:{port}", "--param", "raw_data=/data", timeout=60)
+    done = dudch("submit", "--host", f"http://127.0.0.1:{port}", "--param", "dataset=openclipart:/data", timeout=60)
     assert done.returncode == 2 and time.time() - started < 30
     assert done.stderr.count("\n") == 1
     assert f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}" in done.stderr and "--host" in done.stderr
@@ -79,7 +79,7 @@ def test_submit_reports_a_refused_token(tmp_path):
     server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=server.handle_request, daemon=True).start()
     try:
-        done = dudch("submit", "--host", f"http://127.0.0.1:{server.server_port}", "--param", "raw_data=/d",
+        done = dudch("submit", "--host", f"http://127.0.0.1:{server.server_port}", "--param", "dataset=openclipart:/d",
                      env={"KFP_TOKEN": "expired"}, timeout=60)
     finally:
         server.server_close()
