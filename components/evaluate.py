@@ -19,10 +19,10 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
     from components.tracking import stage_run
     from dudch import nets, prepare
     from dudch.evaluate import evaluate as run_evaluation
-    from dudch.evaluate import plot_curves
+    from dudch.evaluate import plot_curves, plot_retrieval_examples, student_codes
 
     feature_data = prepare.load_features(features.path, expect=("image", "text", "query", "database"))
-    label_data = prepare.load(os.path.join(labels.path, "labels.npz"), expect=("labels",))
+    label_data = prepare.load(os.path.join(labels.path, "labels.npz"), expect=("labels", "text"))
     teacher_nets, _ = nets.load(os.path.join(teacher.path, "model.pt"))
     student_nets, _ = nets.load(os.path.join(student.path, "model.pt"))
     with np.load(os.path.join(student.path, "codes.npz")) as saved:
@@ -42,6 +42,9 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
                 metrics.log_metric(key, row[name])
         for name, figure in plot_curves(curves, bits).items():
             mlflow.log_figure(figure, f"plots/{name}_{bits}bits.png")
+        examples = student_codes(student_nets, codes, feature_data)["student"]
+        mlflow.log_figure(plot_retrieval_examples(examples, feature_data, label_data, bits),
+                          f"plots/retrieval_examples_{bits}bits.png")
         mlflow.log_dict({"results": rows}, "results.json")
     with open(results.path, "w") as f:
         json.dump(rows, f, indent=2)

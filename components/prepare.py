@@ -12,6 +12,8 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
     features, split, and the decoded pixels when image_input is "pixels": all that training
     reads) and `labels` (read by evaluation alone). With `data_repo`, the SOURCE's path is
     fetched through DVC from that repository at `data_rev`: exactly the pinned version."""
+    import os
+    import tempfile
     from dataclasses import asdict
 
     import mlflow
@@ -20,6 +22,7 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
 
     from components.tracking import stage_run
     from dudch import prepare, sources
+    from dudch.storage import save_npz
 
     config = prepare.PrepareConfig(seed=seed, max_items=max_items, min_word_count=min_word_count,
                                    min_label_size=min_label_size, text_features=text_features,
@@ -40,6 +43,12 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
                             "num_labels": info["num_labels"], "warnings": len(info["warnings"]),
                             **{f"split_{k}": v for k, v in info["split"].items()}})
         mlflow.log_dict(info, "prepare_info.json")
+        # For the retrieval model (`dudch promote`): how queries become features, and the
+        # items' ids and texts that search results show. No labels.
+        mlflow.log_dict(info["encoders"], "retrieval/encoders.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_npz(os.path.join(tmp, "items.npz"), item_id=label_data["item_id"], text=label_data["text"])
+            mlflow.log_artifact(os.path.join(tmp, "items.npz"), "retrieval")
         # What training read, by content: the same digest means the same inputs.
         mlflow.log_input(MetaDataset(resolve_dataset_source(data_repo or str(path or kind)),
                                      name=kind, digest=info["digest"]), context="training")

@@ -18,6 +18,7 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
 
     from components.tracking import log_torch_model, stage_run
     from dudch import nets, prepare
+    from dudch.evaluate import plot_losses
     from dudch.similarity import SimilarityGraph
     from dudch.storage import save_npz
     from dudch.student import StudentConfig, fit
@@ -28,7 +29,11 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
     database = data["database"]
     graph = SimilarityGraph.load(os.path.join(similarity.path, "graph.npz"))
     with stage_run(mlflow_parent_run_id, "student", bits, params=asdict(config)):
+        history = {"network loss": [], "objective": []}
+
         def log_iteration(iteration, loss, objective, seconds):
+            history["network loss"].append(loss)
+            history["objective"].append(objective)
             mlflow.log_metrics({"network_loss": loss, "objective": objective,
                                 "iteration_time_s": seconds}, step=iteration)
             print(f"student {bits} bits: iteration {iteration + 1}/{outer_iterations} "
@@ -43,4 +48,7 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
         nets.save(os.path.join(student.path, "model.pt"), trained, config)
         save_npz(os.path.join(student.path, "codes.npz"), codes=codes, item_id=data["item_id"][database])
         log_torch_model(trained, "student")
+        for name in ("model.pt", "codes.npz"):  # what `dudch promote` packages
+            mlflow.log_artifact(os.path.join(student.path, name), "retrieval")
+        mlflow.log_figure(plot_losses(history, f"student (DCC), {bits} bits"), f"plots/losses_{bits}bits.png")
         os.remove(checkpoint)

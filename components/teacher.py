@@ -17,6 +17,7 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
 
     from components.tracking import log_torch_model, stage_run
     from dudch import nets, prepare
+    from dudch.evaluate import plot_losses
     from dudch.teacher import TeacherConfig, fit
 
     config = TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
@@ -26,7 +27,10 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
     data = prepare.load_features(features.path, expect=("image", "text", "train"))
     train = data["train"]
     with stage_run(mlflow_parent_run_id, "teacher", bits, params=asdict(config)):
+        history = {"loss": []}
+
         def log_epoch(epoch, loss, seconds):
+            history["loss"].append(loss)
             mlflow.log_metrics({"loss": loss, "epoch_time_s": seconds}, step=epoch)
             print(f"teacher {bits} bits: epoch {epoch + 1}/{epochs} loss {loss:.5f} ({seconds:.2f}s)", flush=True)
 
@@ -38,4 +42,5 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
                       pixels=pixels, checkpoint=checkpoint)
         nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
         log_torch_model(trained, "teacher")
+        mlflow.log_figure(plot_losses(history, f"teacher (DJSRH), {bits} bits"), f"plots/losses_{bits}bits.png")
         os.remove(checkpoint)

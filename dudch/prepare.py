@@ -17,6 +17,8 @@ from dudch import DudchError, sources
 from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, ImageEncoder, encode_text, text_dim
 from dudch.storage import save_json, save_npy, save_npz
 
+THUMBNAIL_SIZE = 64  # the images evaluation shows in its retrieval-examples grid
+
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -40,8 +42,9 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
       features: image float32 (n, d_image); text float32 (n, d_text); item_id str (n,);
                 query, database, train, validation int64 index arrays into the n items;
                 pixels uint8 (n, size, size, 3) when config.keep_pixels.
-      labels:   labels uint8 (n, L) (L = 0 for a label-less dataset); label_names str (L,);
-                path str (n,).
+      labels:   what only evaluation reads: labels uint8 (n, L) (L = 0 for a label-less
+                dataset); label_names str (L,); path, text, item_id str (n,); thumbnail uint8
+                (n, 64, 64, 3) when the dataset has images.
     Image features are cached in `cache_dir` by (the images' content, extractor settings), so
     a rerun on the same data does not decode or encode again.
     """
@@ -54,13 +57,13 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
         if config.keep_pixels:
             raise DudchError(f"{source} gives image features, not images: the teacher cannot "
                              f"fine-tune on pixels; use teacher_image_input=features")
-        image, pixels = data.image_features, None
+        image, pixels, thumbnails = data.image_features, None, None
     else:
-        image, rendered, pixels = _images(data, cache_dir, config, progress)
+        image, rendered, thumbnails, pixels = _images(data, cache_dir, config, progress)
         if not rendered.all():
             warnings.append(f"{int((~rendered).sum())} images could not be decoded and were left out")
             data = data.subset(rendered)
-            image = image[rendered]
+            image, thumbnails = image[rendered], thumbnails[rendered]
             pixels = pixels[rendered] if pixels is not None else None
 
     text, vocabulary = encode_text(data, config.min_word_count, config.text_features)
@@ -76,11 +79,19 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
         features["pixels"] = pixels
     labels = data.labels if data.labels is not None else np.zeros((len(data), 0), dtype=np.uint8)
     label_data = dict(labels=labels, label_names=np.array(data.label_names, dtype=str),
-                      path=data.path)
+                      path=data.path, text=data.display_text(), item_id=data.item_id)
+    if thumbnails is not None:
+        label_data["thumbnail"] = thumbnails
+    # How a query becomes features, for the retrieval model (`dudch.retrieval`).
+    encoders = dict(
+        text=(dict(kind="minilm") if config.text_features == "minilm" else
+              dict(kind="bow", vocabulary=vocabulary) if data.texts is not None or data.vocabulary else
+              dict(kind="given")),
+        image=dict(kind=IMAGE_EXTRACTOR, size=config.image_size) if data.images is not None else dict(kind="given"))
     info = dict(dataset=data.kind, source=str(source), digest=_digest(features), items=len(data), image_dim=int(image.shape[1]),
                 text_dim=int(text.shape[1]), num_labels=int(labels.shape[1]),
                 split={k: len(v) for k, v in split.items()}, warnings=warnings,
-                config=asdict(config), vocabulary_head=vocabulary[:20])
+                config=asdict(config), vocabulary_head=vocabulary[:20], encoders=encoders)
     return features, label_data, info
 
 
@@ -136,21 +147,21 @@ def _cache_key(content_keys, **settings):
 
 
 def _images(data, cache_dir, config, progress):
-    """(features float32 (n, 1280), decoded bool (n,), pixels uint8 (n, size, size, 3) when
-    config.keep_pixels else None). Both are cached by the images' content keys and the
+    """(features float32 (n, 1280), decoded bool (n,), thumbnails uint8 (n, 64, 64, 3), pixels
+    uint8 (n, size, size, 3) when config.keep_pixels else None). All are cached by the images' content keys and the
     extractor settings (pixels as a memory-mappable .npy); whatever the cache lacks is
     computed in one decoding pass."""
     cache = Path(cache_dir)
     keys = data.content_keys
-    features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]')}.npz"
+    features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]', thumbnail=THUMBNAIL_SIZE)}.npz"
     pixels_path = cache / f"pixels-{_cache_key(keys, size=config.image_size)}.npy"
     encode = not features_path.exists()
     keep = config.keep_pixels and not pixels_path.exists()
     if encode or keep:
         _decode(data, config, progress, features_path if encode else None, pixels_path if keep else None)
     with np.load(features_path) as cached:
-        features, decoded = cached["features"], cached["rendered"]
-    return features, decoded, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None
+        features, decoded, thumbnails = cached["features"], cached["rendered"], cached["thumbnails"]
+    return features, decoded, thumbnails, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None
 
 
 def _decode(data, config, progress, features_path, pixels_path):
@@ -163,6 +174,7 @@ def _decode(data, config, progress, features_path, pixels_path):
     n, size = len(data), config.image_size
     features = np.zeros((n, IMAGE_FEATURE_DIM), dtype=np.float32)
     decoded = np.zeros(n, dtype=bool)
+    thumbnails = np.full((n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), 255, dtype=np.uint8)
     pixels = np.full((n, size, size, 3), 255, dtype=np.uint8) if pixels_path else None
     with tqdm(total=n, desc="decode + encode images" if encoder else "decode images",
               unit="img", disable=not progress) as bar:
@@ -179,13 +191,20 @@ def _decode(data, config, progress, features_path, pixels_path):
                 decoded[ok] = True
                 if encoder:
                     features[ok] = encoder.encode(batch)
+                    thumbnails[ok] = [_thumbnail(image) for image in batch]
                 if pixels is not None:
                     pixels[ok] = batch
             bar.update(len(rows))
     if encoder:
-        save_npz(features_path, features=features, rendered=decoded)
+        save_npz(features_path, features=features, rendered=decoded, thumbnails=thumbnails)
     if pixels is not None:
         save_npy(pixels_path, pixels)
+
+
+def _thumbnail(image):
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.BILINEAR))
 
 
 def _check_finite(**arrays):

@@ -41,7 +41,7 @@ class Source:
     images: an image reader (`batch(rows, size)` -> uint8 (size, size, 3) or None each), or None
       when the dataset gives image features instead: image_features float32 (n, d).
     texts: one list of strings per item (tags or a sentence), or None when the dataset gives a
-      bag-of-words instead: text_bow float32 (n, V) with its vocabulary.
+      bag-of-words instead: text_bow float32 (n, V), with its vocabulary (its words) when known.
     labels: uint8 (n, L) with label_names, or None for a label-less dataset.
     rows: int (n,), each item's row in the reader (kept through `subset`).
     """
@@ -67,6 +67,15 @@ class Source:
 
     def __len__(self):
         return len(self.item_id)
+
+    def display_text(self):
+        """str (n,): each item's text as people read it (tags joined, or its BoW words)."""
+        if self.texts is not None:
+            return np.array([", ".join(t) for t in self.texts], dtype=str)
+        if self.vocabulary is None:
+            return np.full(len(self), "", dtype=str)
+        words = np.array(self.vocabulary)
+        return np.array([" ".join(words[row > 0]) for row in self.text_bow], dtype=str)
 
     def subset(self, keep):
         """The items selected by `keep` (a boolean mask or index array), in order."""
@@ -190,7 +199,7 @@ def _cleared_set(folder, prefix, kind):
     common = dict(kind=kind, item_id=np.array([str(i) for i in range(n)]),
                   path=np.array([f"{image.path.name}#{i}" for i in range(n)]),
                   content_keys=np.array([f"{digest}:{i}" for i in range(n)]),
-                  text_bow=text_rows.astype(np.float32), vocabulary=[f"word{j}" for j in range(text_rows.shape[1])],
+                  text_bow=text_rows.astype(np.float32),
                   labels=label_rows.astype(np.uint8), label_names=[f"label{j}" for j in range(label_rows.shape[1])],
                   warnings=warnings)
     if image.name == "XAll":

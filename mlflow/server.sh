@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Start an MLflow tracking server for a team. Defaults: loopback only, a sqlite backend and
-# local artifacts under ./mlflow-server/. Override with the environment:
-#   MLFLOW_HOST (127.0.0.1)  MLFLOW_PORT (5000)
-#   MLFLOW_BACKEND_STORE_URI (sqlite:///mlflow-server/mlflow.db; production: postgresql://...)
-#   MLFLOW_ARTIFACTS_DESTINATION (./mlflow-server/artifacts; production: s3://bucket/prefix,
-#   with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / MLFLOW_S3_ENDPOINT_URL from the environment)
+# Start an MLflow tracking server (and model registry) for a team, with the settings in
+# mlflow/server.conf: loopback, sqlite, local artifacts unless the environment says otherwise.
+# Credentials (AWS_*, PGPASSWORD) are read from the environment only, never from a file here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p mlflow-server/artifacts
+source mlflow/server.conf
+case "$MLFLOW_BACKEND_STORE_URI" in sqlite:///mlflow-server/*) mkdir -p mlflow-server ;; esac
+case "$MLFLOW_ARTIFACTS_DESTINATION" in ./*|/*) mkdir -p "$MLFLOW_ARTIFACTS_DESTINATION" ;; esac
+echo "MLflow server on http://$MLFLOW_HOST:$MLFLOW_PORT (store $MLFLOW_BACKEND_STORE_URI, artifacts $MLFLOW_ARTIFACTS_DESTINATION)"
 exec .venv/bin/mlflow server \
-  --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
-  --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow-server/mlflow.db}" \
-  --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-./mlflow-server/artifacts}" \
+  --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" \
+  --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
+  --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
   --serve-artifacts

@@ -95,6 +95,32 @@ def _parser():
                         "read, or with data_repo=GIT_URL data_rev=REV to fetch it through DVC")
     submit.set_defaults(handler=_submit)
 
+    promote = commands.add_parser("promote", help="register a pipeline run's student as a retrieval "
+                                  "model in the MLflow registry; the alias moves to it only if its "
+                                  "mAP@all beats the alias holder's in both directions",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    promote.add_argument("--run", required=True, metavar="RUN_ID", help="a pipeline (parent) run id")
+    promote.add_argument("--bits", type=int, help="which code length (default: the longest trained)")
+    promote.add_argument("--name", default="dudch", help="registered model name")
+    promote.add_argument("--alias", default="production", help="the alias to move on success")
+    promote.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    promote.set_defaults(handler=_promote)
+
+    search = commands.add_parser("search", help="retrieve database items with a registered model",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    search.add_argument("--model", default="models:/dudch@production", help="a model URI")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query (tags or a sentence)")
+    query.add_argument("--image", type=Path, help="an image query (PNG, JPEG or SVG)")
+    search.add_argument("--top", type=int, default=10, help="how many items to list")
+    search.set_defaults(handler=_search)
+
+    compare = commands.add_parser("compare", help="student mAP@all by bits and direction across "
+                                  "the latest pipeline runs, and the parameters that differ")
+    compare.add_argument("--last", type=int, default=5, metavar="N", help="how many runs (default 5)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object")
+    compare.set_defaults(handler=_compare)
+
     params = commands.add_parser("params", help="list the pipeline's parameters and defaults")
     params.set_defaults(handler=_params)
 
@@ -307,6 +333,31 @@ def _compile(args):
     with atomic_file(args.output) as tmp:
         Path(tmp).write_text(text)
     print(f"wrote {args.output}")
+
+
+def _promote(args):
+    from pipeline import registry, tracking
+
+    tracking.connect(Path.cwd())
+    result = registry.promote(args.run, args.bits, args.name, args.alias, args.force)
+    print(f"{result['name']} version {result['version']} is @{args.alias} ({result['decision']})\n"
+          f"load it with mlflow.pyfunc.load_model('models:/{result['name']}@{args.alias}')")
+
+
+def _search(args):
+    from pipeline import registry, tracking
+
+    tracking.connect(Path.cwd())
+    print(f"{'rank':>4}  {'id':<42} {'hamming':>7}  text")
+    for row in registry.search(args.model, args.text, args.image, args.top):
+        print(f"{row['rank']:>4}  {row['id']:<42} {row['distance']:>7}  {row['text']}")
+
+
+def _compare(args):
+    from pipeline import registry, tracking
+
+    comparison = registry.compare(tracking.connect(Path.cwd()), args.last)
+    print(json.dumps(comparison) if args.json else registry.format_comparison(comparison))
 
 
 def _report(args):

@@ -2,39 +2,17 @@
 real MLflow sqlite store; then `dudch report --json` reads the run back."""
 
 import json
-import time
 
-import mlflow
 import numpy as np
 import pytest
 
+from tests.conftest import BITS, STUDENT_ITERATIONS, TEACHER_EPOCHS
 from tests.helpers import ROOT, dudch
-
-BITS = (16, 32)
-TEACHER_EPOCHS = 3
-STUDENT_ITERATIONS = 3
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, openclipart_root):
-    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-    started = time.time()
-    done = dudch("run", "--max-items", "600", "--bits", *map(str, BITS),
-                 "--param", f"teacher_epochs={TEACHER_EPOCHS}",
-                 "--param", f"student_outer_iterations={STUDENT_ITERATIONS}",
-                 "--param", "min_word_count=2", "--param", "min_label_size=10", env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    return dict(env=env, stdout=done.stdout, started=started, client=mlflow.MlflowClient())
 
 
 @pytest.fixture(scope="module")
 def parent(pipeline_run):
-    client = pipeline_run["client"]
-    (run,) = client.search_runs([client.get_experiment_by_name("dudch").experiment_id],
-                                "tags.`dudch.kind` = 'pipeline'")
-    return run
+    return pipeline_run["client"].get_run(pipeline_run["run_id"])
 
 
 def test_parent_run_has_params_data_version_and_commit(parent):
@@ -63,15 +41,21 @@ def test_child_runs_per_stage_and_bit_length(pipeline_run, parent):
             assert len(maps) == 3 * 2 * 2 and all(0 < v <= 1 for v in maps.values())
             plots = [a.path for a in client.list_artifacts(child.info.run_id, "plots")]
             bits = child.data.tags["dudch.bits"]
-            assert plots == [f"plots/precision_at_top_{bits}bits.png", f"plots/precision_recall_{bits}bits.png"]
+            assert plots == [f"plots/precision_at_top_{bits}bits.png", f"plots/precision_recall_{bits}bits.png",
+                             f"plots/retrieval_examples_{bits}bits.png"]
+        if stage in ("teacher", "student"):
+            bits = child.data.tags["dudch.bits"]
+            assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == [f"plots/losses_{bits}bits.png"]
+        retrieval = {"prepare": ["retrieval/encoders.json", "retrieval/items.npz"],
+                     "student": ["retrieval/codes.npz", "retrieval/model.pt"]}
+        if stage in retrieval:  # what `dudch promote` packages
+            assert [a.path for a in client.list_artifacts(child.info.run_id, "retrieval")] == retrieval[stage]
     models = client.search_logged_models([parent.info.experiment_id])
     assert sorted(m.name for m in models) == ["student"] * len(BITS) + ["teacher"] * len(BITS)
 
 
 def test_student_codes_are_exactly_plus_minus_one(pipeline_run):
-    runs = [p for p in (ROOT / ".dudch" / "kfp").glob("dudch-*") if p.stat().st_mtime >= pipeline_run["started"]]
-    (run_dir,) = runs
-    codes_files = sorted(run_dir.glob("for-loop-1-iteration-*/train-student/student/codes.npz"))
+    codes_files = sorted(pipeline_run["kfp_dir"].glob("for-loop-1-iteration-*/train-student/student/codes.npz"))
     assert len(codes_files) == len(BITS)
     for path in codes_files:
         with np.load(path) as saved:

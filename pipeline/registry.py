@@ -1,0 +1,236 @@
+"""The MLflow model registry: promote a pipeline run's student as a retrieval model behind a
+quality gate, load it for search, and compare pipeline runs."""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dudch import DudchError
+from pipeline.tracking import KIND_TAG, report
+
+from pipeline.retrieval_model import RetrievalModel
+
+MODEL_NAME = "dudch"
+ALIAS = "production"
+GATE_METRICS = ("i2t", "t2i")  # the student's mAP@all in both directions
+MODEL_CODE = Path(__file__).with_name("retrieval_model.py")  # logged as MLflow "models from code"
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    def column(kind, name):
+        return ColSpec(kind, name, required=False)
+
+    inputs = Schema([column(DataType.string, "text"), column(DataType.string, "image"),
+                     column(Array(DataType.double), "text_features"),
+                     column(Array(DataType.double), "image_features")])
+    outputs = Schema([ColSpec(DataType.string, "code"), column(Array(DataType.string), "ids"),
+                      column(Array(DataType.long), "distances"), column(Array(DataType.string), "texts")])
+    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", DataType.long, 0)]))
+
+
+# One query column per request; `top_k` > 0 adds the nearest database items.
+SIGNATURE = _signature()
+
+
+def _children(client, parent, stage, bits=None):
+    query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`dudch.stage` = '{stage}'"
+    if bits is not None:
+        query += f" and tags.`dudch.bits` = '{bits}'"
+    return client.search_runs([parent.info.experiment_id], query)
+
+
+def candidate(client, run_id, bits=None):
+    """(parent run, bits, {direction: student mAP@all or None}) of a finished pipeline run; bits
+    defaults to the longest code the run trained."""
+    try:
+        parent = client.get_run(run_id)
+    except Exception:
+        raise DudchError(f"no run {run_id} in the MLflow store; list pipeline runs with `dudch compare`") from None
+    if parent.data.tags.get(KIND_TAG) != "pipeline":
+        raise DudchError(f"run {run_id} is not a pipeline run (a stage's child run?); pass the "
+                         f"parent run id that `dudch run` printed")
+    if parent.info.status != "FINISHED":
+        raise DudchError(f"pipeline run {run_id} is {parent.info.status}, not FINISHED; promote a finished run")
+    trained = sorted(int(r.data.tags["dudch.bits"]) for r in _children(client, parent, "student"))
+    if not trained:
+        raise DudchError(f"pipeline run {run_id} has no student; it did not train")
+    bits = bits or trained[-1]
+    if bits not in trained:
+        raise DudchError(f"pipeline run {run_id} trained {trained} bits, not {bits}; pass --bits")
+    (evaluation,) = _children(client, parent, "evaluate", bits) or [None]
+    metrics = evaluation.data.metrics if evaluation else {}
+    scores = {d: metrics.get(f"student.{d}.map_all") for d in GATE_METRICS}
+    return parent, bits, scores
+
+
+def build(client, parent, bits, directory):
+    """Download the run's student, codes, encoders and items, and write a retriever folder."""
+    from dudch import retrieval
+
+    (student_run,) = _children(client, parent, "student", bits)
+    (prepare_run,) = _children(client, parent, "prepare")
+    local = Path(directory)
+    student_dir = client.download_artifacts(student_run.info.run_id, "retrieval", str(local / "student"))
+    prepare_dir = client.download_artifacts(prepare_run.info.run_id, "retrieval", str(local / "prepare"))
+    with np.load(Path(student_dir) / "codes.npz") as saved:
+        codes, item_id = saved["codes"], saved["item_id"]
+    with np.load(Path(prepare_dir) / "items.npz") as saved:
+        text_of = dict(zip(saved["item_id"].tolist(), saved["text"].tolist()))
+    encoders = json.loads((Path(prepare_dir) / "encoders.json").read_text())
+    retrieval.save(local / "retriever", Path(student_dir) / "model.pt", encoders, codes, item_id,
+                   [text_of[i] for i in item_id.tolist()])
+    return local / "retriever", encoders
+
+
+def _input_example(encoders, retriever_dir):
+    from dudch import retrieval
+
+    if encoders["text"]["kind"] != "given":
+        return pd.DataFrame({"text": ["a drawing of a bird"]})
+    width = retrieval.load(retriever_dir).student.dims["text_dim"]
+    return pd.DataFrame({"text_features": [np.zeros(width, dtype=np.float32).tolist()]})
+
+
+def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
+    """Register the student of pipeline run `run_id` as a version of model `name`, and move
+    `alias` to it when its mAP@all is at least the alias holder's in both directions (or
+    `force`). Returns a dict: version, decision, scores; the decision and the scores are also
+    the version's tags. A refusal raises DudchError after recording it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    # Quiet MLflow's download bars and "Created version" notices: the outcome is printed once.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    client = mlflow.MlflowClient()
+    parent, bits, scores = candidate(client, run_id, bits)
+    holder = None
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        pass  # no model or no alias yet: nothing to beat
+    held = {d: float(holder.tags[f"dudch.map_all.{d}"]) if holder and f"dudch.map_all.{d}" in holder.tags
+            else None for d in GATE_METRICS}
+    if holder is None:
+        decision = "promoted: no model held the alias"
+    elif None in scores.values():
+        decision = "refused: the run has no mAP (label-less data)"
+    elif None in held.values() or all(scores[d] >= held[d] for d in GATE_METRICS):
+        decision = f"promoted: mAP@all at least version {holder.version}'s in both directions"
+    else:
+        worse = [d for d in GATE_METRICS if scores[d] < held[d]]
+        decision = f"refused: mAP@all below version {holder.version}'s in {', '.join(worse)}"
+    if decision.startswith("refused") and force:
+        decision = "forced: " + decision.removeprefix("refused: ")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        retriever_dir, encoders = build(client, parent, bits, tmp)
+        example = _input_example(encoders, retriever_dir)
+        probe = RetrievalModel()  # a loaded copy for the signature; the logged one stays empty
+        probe.load_context(type("Context", (), {"artifacts": {"retriever": str(retriever_dir)}})())
+        probe.predict(None, example, {"top_k": 1})  # fails here, not in production, if broken
+        with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=f"promote-{bits}bits",
+                              parent_run_id=parent.info.run_id,
+                              tags={KIND_TAG: "promotion", "dudch.bits": str(bits)}):
+            logged = mlflow.pyfunc.log_model(
+                name="retrieval", python_model=str(MODEL_CODE), artifacts={"retriever": str(retriever_dir)},
+                signature=SIGNATURE, input_example=example, pip_requirements=_requirements())
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # it exists: add a version
+    version = client.create_model_version(name, logged.model_uri, run_id=logged.run_id, model_id=logged.model_id)
+    tags = {"dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
+            **{f"dudch.map_all.{d}": str(v) for d, v in scores.items() if v is not None},
+            **{f"dudch.holder_map_all.{d}": str(v) for d, v in held.items() if v is not None}}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    result = dict(name=name, version=version.version, decision=decision, scores=scores, held=held)
+    if decision.startswith("refused"):
+        raise DudchError(f"{name} version {version.version} registered but not given @{alias}: "
+                         f"{decision.removeprefix('refused: ')} ({_scores(scores)} vs {_scores(held)}); "
+                         f"pass --force to promote it anyway")
+    client.set_registered_model_alias(name, alias, version.version)
+    return result
+
+
+def _scores(scores):
+    return ", ".join(f"{d} {v:.4f}" if v is not None else f"{d} none" for d, v in scores.items())
+
+
+def _requirements():
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "numpy", "faiss-cpu", "mlflow", "pandas")] + ["dudch"]
+
+
+def search(model_uri, text=None, image=None, top=10):
+    """Rows (rank, id, distance, text) of the `top` database items nearest a text or an image."""
+    import mlflow
+
+    if (text is None) == (image is None):
+        raise DudchError("give exactly one of --text and --image")
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise DudchError(f"cannot load {model_uri} ({reason}); check the name and alias "
+                         f"(`dudch promote` sets them)") from None
+    query = {"text": [text]} if text is not None else {"image": [str(image)]}
+    try:
+        (found,) = model.predict(pd.DataFrame(query), params={"top_k": top}).itertuples()
+    except mlflow.exceptions.MlflowException as error:
+        raise DudchError(f"{model_uri} refused the query ({str(error).splitlines()[0][:200]})") from None
+    return [dict(rank=r + 1, id=i, distance=d, text=t)
+            for r, (i, d, t) in enumerate(zip(found.ids, found.distances, found.texts))]
+
+
+def compare(experiment_id, last=5):
+    """{"runs": [{run_id, start, dataset, status, params, results}], "differing": {param: [value
+    per run]}} for the `last` pipeline runs, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parents = client.search_runs([experiment_id], f"tags.`{KIND_TAG}` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=last)
+    if not parents:
+        raise DudchError("no pipeline run in the MLflow store yet; run `dudch run` first")
+    runs = [dict(run_id=p.info.run_id, start=p.info.start_time, status=p.info.status,
+                 dataset=p.data.tags.get("dudch.dataset"), params=p.data.params,
+                 results=report(experiment_id, p.info.run_id)["results"]) for p in parents]
+    names = sorted({k for r in runs for k in r["params"]})
+    differing = {k: [r["params"].get(k) for r in runs] for k in names
+                 if len({r["params"].get(k) for r in runs}) > 1}
+    return dict(runs=runs, differing=differing)
+
+
+def format_comparison(comparison, method="student"):
+    """The comparison as text: mAP@all by run x (bits, direction), then the differing params."""
+    import time
+
+    runs = comparison["runs"]
+    keys = sorted({(r["bits"], r["direction"]) for run in runs for r in run["results"] if r["method"] == method})
+    header = f"{'run':<10} {'started':<17}" + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)
+    lines = [f"{method} mAP@all", header]
+    for run in runs:
+        value = {(r["bits"], r["direction"]): r["map_all"] for r in run["results"] if r["method"] == method}
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["start"] / 1000))
+        lines.append(f"{run['run_id'][:8]:<10} {started:<17}"
+                     + "".join(f" {value[k]:>9.4f}" if k in value else f" {'-':>9}" for k in keys))
+    lines.append("")
+    if comparison["differing"]:
+        lines.append("parameters that differ (same run order):")
+        for name, values in comparison["differing"].items():
+            lines.append(f"  {name}: " + " | ".join("-" if v is None else str(v) for v in values))
+    else:
+        lines.append("all parameters are equal")
+    return "\n".join(lines)

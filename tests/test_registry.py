@@ -1,0 +1,186 @@
+"""The MLflow registry path on a real store: promote a pipeline run's student behind the quality
+gate, load it in one line, search with it, serve it over HTTP, and compare runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from dudch import nets
+from dudch.retrieval import hamming_ranking
+from tests.conftest import free_port, wait_for_port
+from tests.helpers import OPENCLIPART, dudch
+
+
+def student_output(pipeline_run, bits):
+    """(codes.npz arrays, the student networks) that the run's KFP task wrote for `bits`."""
+    for folder in pipeline_run["kfp_dir"].glob("for-loop-1-iteration-*/train-student/student"):
+        with np.load(folder / "codes.npz") as saved:
+            if saved["codes"].shape[1] == bits:
+                return dict(saved), nets.load(folder / "model.pt")[0]
+    raise AssertionError(f"no {bits}-bit student in {pipeline_run['kfp_dir']}")
+
+
+def features_of(pipeline_run):
+    with np.load(pipeline_run["kfp_dir"] / "prepare-data" / "features" / "features.npz") as saved:
+        return dict(saved)
+
+
+def promote(pipeline_run, *args):
+    return dudch("promote", *args, env=pipeline_run["env"])
+
+
+def map_all(client, run_id, bits):
+    (evaluation,) = client.search_runs(
+        [client.get_run(run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`dudch.stage` = 'evaluate' and tags.`dudch.bits` = '{bits}'")
+    return {d: evaluation.data.metrics[f"student.{d}.map_all"] for d in ("i2t", "t2i")}
+
+
+@pytest.fixture(scope="module")
+def production(pipeline_run):
+    """The run's 32-bit student promoted as dudch@production (the first version: no gate)."""
+    mlflow.set_tracking_uri(pipeline_run["env"]["MLFLOW_TRACKING_URI"])
+    done = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "promoted: no model held the alias" in done.stdout
+    return mlflow.pyfunc.load_model("models:/dudch@production")
+
+
+def test_the_model_holds_the_runs_database_codes(pipeline_run, production):
+    saved, _ = student_output(pipeline_run, 32)
+    retriever = production.unwrap_python_model().retriever
+    np.testing.assert_array_equal(retriever.database_codes(), saved["codes"])
+    np.testing.assert_array_equal(retriever.item_id, saved["item_id"])
+    assert retriever.packed.dtype == np.uint8 and retriever.packed.shape == (len(saved["codes"]), 4)
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_query_codes_and_top_k_equal_the_run_and_brute_force(pipeline_run, production, modality):
+    saved, student = student_output(pipeline_run, 32)
+    features = features_of(pipeline_run)
+    rows = features["query"][:25]
+    queries = features[modality][rows]
+    found = production.predict(pd.DataFrame({f"{modality}_features": list(queries)}), params={"top_k": 15})
+    expected = nets.branch_codes(student, modality, queries)
+    assert [list(map(int, c)) for c in found["code"]] == ((expected + 1) // 2).tolist()
+    distances, ranked = hamming_ranking(expected, saved["codes"], 15)
+    assert found["distances"].tolist() == distances.tolist()
+    assert found["ids"].tolist() == saved["item_id"][ranked].tolist()
+
+
+def test_raw_text_and_image_queries(pipeline_run, production):
+    features = features_of(pipeline_run)
+    _, student = student_output(pipeline_run, 32)
+    image = sorted(OPENCLIPART.glob("animals/*.svg"))[0]
+    found = production.predict(pd.DataFrame({"image": [str(image)]}), params={"top_k": 3})
+    assert len(found["ids"][0]) == 3 and all(isinstance(t, str) for t in found["texts"][0])
+    words = production.unwrap_python_model().retriever.encoders["text"]["vocabulary"][:3]
+    by_text = production.predict(pd.DataFrame({"text": [" ".join(words)]}))
+    bow = np.zeros((1, features["text"].shape[1]), dtype=np.float32)
+    bow[0, :3] = 1
+    assert by_text["code"][0] == "".join("1" if b > 0 else "0" for b in nets.branch_codes(student, "text", bow)[0])
+    assert "ids" not in by_text  # no top_k: codes only
+
+
+def test_signature_and_input_example_are_logged(production):
+    info = mlflow.models.get_model_info("models:/dudch@production")
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "image", "text_features", "image_features"]
+    assert info.signature.params.to_dict()[0]["name"] == "top_k"
+    assert info.saved_input_example_info is not None
+
+
+def test_search_prints_ranked_items(pipeline_run, production):
+    done = dudch("search", "--text", "bird animal", "--top", "4", env=pipeline_run["env"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split() == ["rank", "id", "hamming", "text"] and len(lines) == 5
+    expected = production.predict(pd.DataFrame({"text": ["bird animal"]}), params={"top_k": 4})
+    assert [line.split()[1] for line in lines[1:]] == expected["ids"][0]
+    image = dudch("search", "--image", str(sorted(OPENCLIPART.glob("food/*.svg"))[0]), "--top", "2", env=pipeline_run["env"])
+    assert image.returncode == 0 and len(image.stdout.strip().splitlines()) == 3
+    missing = dudch("search", "--image", "/nonexistent.png", env=pipeline_run["env"])
+    assert missing.returncode == 2 and "image /nonexistent.png not found" in missing.stderr
+
+
+def test_the_gate_refuses_a_worse_model_records_why_and_keeps_the_alias(pipeline_run, production):
+    client = pipeline_run["client"]
+    scores = {b: map_all(client, pipeline_run["run_id"], b) for b in (16, 32)}
+    better, worse = sorted((16, 32), key=lambda b: -scores[b]["i2t"])
+    name = "gate-test"
+    assert promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", str(better), "--name", name).returncode == 0
+    refused = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", str(worse), "--name", name)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "registered but not given @production" in refused.stderr and "--force" in refused.stderr
+    assert str(client.get_model_version_by_alias(name, "production").version) == "1"
+    version = client.get_model_version(name, "2")
+    assert version.tags["dudch.decision"].startswith("refused: mAP@all below version 1's in ")
+    assert float(version.tags["dudch.map_all.i2t"]) == pytest.approx(scores[worse]["i2t"])
+    assert float(version.tags["dudch.holder_map_all.i2t"]) == pytest.approx(scores[better]["i2t"])
+    forced = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", str(worse), "--name", name, "--force")
+    assert forced.returncode == 0 and "forced:" in forced.stdout
+    assert str(client.get_model_version_by_alias(name, "production").version) == "3"
+    assert client.get_model_version(name, "3").tags["dudch.decision"].startswith("forced:")
+
+
+def test_promote_refuses_a_stage_run(pipeline_run):
+    client = pipeline_run["client"]
+    child = client.search_runs([client.get_run(pipeline_run["run_id"]).info.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{pipeline_run['run_id']}'")[0]
+    done = promote(pipeline_run, "--run", child.info.run_id)
+    assert done.returncode == 2 and "is not a pipeline run" in done.stderr
+
+
+def test_mlflow_models_serve_answers_invocations(pipeline_run, production):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/dudch@production",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        # `mlflow models serve` starts `uvicorn` by name: the virtualenv's bin must be on PATH
+        # (as it is for a user who activated it).
+        env={**os.environ, **pipeline_run["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server, "mlflow models serve", timeout=120)
+        features = features_of(pipeline_run)
+        rows = features["image"][features["query"][:3]]
+        body = {"dataframe_split": {"columns": ["image_features"], "data": [[r.tolist()] for r in rows]},
+                "params": {"top_k": 5}}
+        for _ in range(100):  # the port opens before the model has loaded
+            reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+            if reply.status_code != 503:
+                break
+        assert reply.status_code == 200, reply.text[:500]
+        served = reply.json()["predictions"]
+        local = production.predict(pd.DataFrame({"image_features": list(rows)}), params={"top_k": 5})
+        assert [p["code"] for p in served] == local["code"].tolist()
+        assert [p["ids"] for p in served] == local["ids"].tolist()
+        assert [p["distances"] for p in served] == local["distances"].tolist()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_compare_tabulates_runs_and_their_differences(pipeline_run):
+    done = dudch("run", "--max-items", "300", "--bits", "16", "--param", "teacher_epochs=2",
+                 "--param", "student_outer_iterations=2", "--param", "min_word_count=2",
+                 "--param", "min_label_size=10", env=pipeline_run["env"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = dudch("compare", "--last", "2", env=pipeline_run["env"])
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == "student mAP@all" and lines[1].split()[2:] == ["16b", "i2t", "16b", "t2i", "32b", "i2t", "32b", "t2i"]
+    assert lines[3].startswith(pipeline_run["run_id"][:8])
+    assert lines[2].split()[-2:] == ["-", "-"]  # the newer run trained 16 bits only
+    assert "  max_items: 300 | 600" in lines and "  teacher_epochs: 2 | 3" in lines
+    comparison = json.loads(dudch("compare", "--last", "2", "--json", env=pipeline_run["env"]).stdout)
+    assert comparison["differing"]["bits"] == ["[16]", "[16, 32]"]
+    old = {(r["bits"], r["direction"]): r["map_all"] for r in comparison["runs"][1]["results"] if r["method"] == "student"}
+    assert float(lines[3].split()[3]) == pytest.approx(old[(16, "i2t")], abs=1e-4)

@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from dudch import DudchError
+from dudch.retrieval import HammingIndex, hamming_ranking, pack, unpack
+
+
+def codes(n, bits, seed):
+    return np.where(np.random.default_rng(seed).random((n, bits)) < 0.5, -1, 1).astype(np.int8)
+
+
+def test_pack_round_trip_is_bit_packed():
+    c = codes(50, 24, 0)
+    assert pack(c).shape == (50, 3) and pack(c).dtype == np.uint8
+    np.testing.assert_array_equal(unpack(pack(c), 24), c)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 64])
+def test_exact_index_equals_brute_force_even_with_many_ties(bits):
+    database, queries = codes(3000, bits, 1), codes(40, bits, 2)
+    distances, rows = HammingIndex(pack(database), bits).search(pack(queries), 25)
+    expected_d, expected_r = hamming_ranking(queries, database, 25)
+    np.testing.assert_array_equal(distances, expected_d)
+    np.testing.assert_array_equal(rows, expected_r)
+
+
+def test_hnsw_index_finds_near_neighbours():
+    database = codes(2000, 64, 3)
+    distances, rows = HammingIndex(pack(database), 64, method="hnsw").search(pack(database[:20]), 5)
+    assert (rows[:, 0] == np.arange(20)).mean() >= 0.9 and (distances[:, 0] == 0).mean() >= 0.9
+    with pytest.raises(DudchError, match="unknown index"):
+        HammingIndex(pack(database), 64, method="lsh")
