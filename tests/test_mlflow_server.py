@@ -1,6 +1,7 @@
 """A team's set-up, for real: `mlflow/server.sh` runs an MLflow tracking server with artifacts
-on S3 (the loopback moto endpoint); the pipeline logs to it, a run is promoted, and the model
-loads back through the server with the run's codes."""
+on S3 (the loopback moto endpoint); the pipeline logs to it, a run is promoted (twice: the gate
+reads the holder's scores from the server), searched and compared, and the model loads back
+through the server with the run's codes."""
 
 import os
 import subprocess
@@ -52,6 +53,13 @@ def test_pipeline_promote_and_load_through_a_server_with_s3_artifacts(tracking_s
     run_id = done.stdout.split("MLflow parent run ")[1].split()[0]
     promoted = dudch("promote", "--run", run_id, env=env)
     assert promoted.returncode == 0, promoted.stderr[-2000:]
+    # The gate reads the holder's scores back from the server: equal scores pass.
+    again = dudch("promote", "--run", run_id, env=env)
+    assert again.returncode == 0 and "at least version 1's in both directions" in again.stdout, again.stderr
+    found = dudch("search", "--text", "bird", "--top", "3", env=env)
+    assert found.returncode == 0 and len(found.stdout.strip().splitlines()) == 4, found.stderr
+    compared = dudch("compare", "--last", "1", env=env)
+    assert compared.returncode == 0 and compared.stdout.splitlines()[2].startswith(run_id[:8]), compared.stderr
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_server["url"])

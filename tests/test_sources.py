@@ -27,10 +27,14 @@ def _pixels(data):
     return np.stack(data.images.batch(data.rows, 224))
 
 
-@pytest.mark.parametrize("hdf5", [False, True], ids=["v5", "v7.3-hdf5"])
-def test_cleared_set_loads_in_both_mat_versions(tmp_path, items, hdf5):
-    folder = datasets.cleared_set(tmp_path / "mir", items["pixels"], items["bow"], items["labels"], hdf5=hdf5)
-    data = sources.load(f"mirflickr25k:{folder}")
+@pytest.mark.parametrize("kind,prefix,hdf5", [("mirflickr25k", "mirflickr25k-", False),
+                                               ("mirflickr25k", "mirflickr25k-", True),
+                                               ("nuswide", "nus-wide-tc10-", True)],
+                         ids=["mirflickr-v5", "mirflickr-v7.3-hdf5", "nuswide-v7.3-hdf5"])
+def test_cleared_set_loads_in_both_mat_versions(tmp_path, items, kind, prefix, hdf5):
+    folder = datasets.cleared_set(tmp_path / kind, items["pixels"], items["bow"], items["labels"],
+                                  prefix=prefix, hdf5=hdf5)
+    data = sources.load(f"{kind}:{folder}")
     assert len(data) == N and data.warnings == []
     np.testing.assert_array_equal(_pixels(data), items["pixels"])
     np.testing.assert_array_equal(data.text_bow, items["bow"])
