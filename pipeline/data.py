@@ -62,8 +62,9 @@ def ensure_openclipart(root, archive=None):
 
 def pin(path, repo=".", rev=None, check_workspace=False):
     """The DVC pin of the data at `path` (relative to the repository) in `repo` at `rev`
-    (None: the workspace). Returns {"dvc_file", "md5", "rev"}, with "md5" None when no .dvc file
-    tracks the path. `check_workspace`: refuse a workspace whose files differ from the pin."""
+    (None: the workspace). Returns {"dvc_file", "md5", "rev", "tracked"}: the .dvc file, its md5
+    and the tracked path holding `path` (all None when no .dvc file tracks it), and the git
+    commit. `check_workspace`: refuse a workspace whose files differ from the pin."""
     from dvc.repo import Repo
     from dvc.exceptions import DvcException
 
@@ -78,8 +79,9 @@ def pin(path, repo=".", rev=None, check_workspace=False):
                         raise DudchError(f"{path} differs from the version pinned in {dvc_file}; "
                                          f"run `dvc add {dvc_repo.fs.relpath(out.fs_path, dvc_repo.root_dir)}` "
                                          f"(and commit the .dvc file) or `dudch data pull`")
-                    return dict(dvc_file=dvc_file, md5=out.hash_info.value, rev=commit)
-            return dict(dvc_file=None, md5=None, rev=commit)
+                    return dict(dvc_file=dvc_file, md5=out.hash_info.value, rev=commit,
+                                tracked=dvc_repo.fs.relpath(out.fs_path, dvc_repo.root_dir))
+            return dict(dvc_file=None, md5=None, rev=commit, tracked=None)
     except DvcException as error:
         raise DudchError(f"cannot read the DVC pins of {repo} at {rev or 'the workspace'} "
                          f"({_reason(error)}); check the repository and revision") from None
@@ -93,8 +95,9 @@ def _resolved_rev(dvc_repo):
 
 
 def fetch_pinned(repo, rev, path, cache_dir):
-    """Download the data at `path` of the DVC project `repo` (a git URL or folder) at `rev`
-    from its remote into `cache_dir`, once per (repo, rev, path); returns (local path, pin)."""
+    """Download the tracked data holding `path` in the DVC project `repo` (a git URL or folder)
+    at `rev` from its remote into `cache_dir`, once per (repo, commit, tracked path): the whole
+    tracked folder, so a manifest arrives with its images. Returns (local path of `path`, pin)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
@@ -102,17 +105,18 @@ def fetch_pinned(repo, rev, path, cache_dir):
     if found["md5"] is None:
         raise DudchError(f"{path} is not tracked by DVC in {repo} at {rev}; `dvc add` it there, "
                          f"commit and push")
-    key = hashlib.sha256(f"{repo}\n{found['rev']}\n{path}".encode()).hexdigest()[:16]
+    tracked = Path(found["tracked"])
+    key = hashlib.sha256(f"{repo}\n{found['rev']}\n{tracked}".encode()).hexdigest()[:16]
     dest = Path(cache_dir) / "fetched" / key
     if not dest.exists():
         try:
             with atomic_dir(dest) as tmp:
-                Repo.get(str(repo), str(path), out=str(Path(tmp) / Path(path).name), rev=rev)
+                Repo.get(str(repo), str(tracked), out=str(Path(tmp) / tracked), rev=rev)
         except DvcException as error:
             raise DudchError(f"cannot fetch {path} from {repo} at {rev} ({_reason(error)}); check "
                              f"the DVC remote and its credentials (AWS_ACCESS_KEY_ID, "
                              f"AWS_SECRET_ACCESS_KEY)") from None
-    return dest / Path(path).name, found
+    return dest / path, found
 
 
 def configure_remote(root, url, endpoint_url=None):

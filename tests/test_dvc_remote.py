@@ -99,12 +99,31 @@ def test_a_fresh_clone_pulls_the_data_and_runs_the_pipeline(origin, tmp_path):
     assert not any(secret in logged for secret in S3_CREDENTIALS.values() if "test" in secret)
 
 
-def test_prepare_fetches_a_pinned_revision_through_dvc(origin, tmp_path):
+def test_fetching_a_pinned_file_brings_its_whole_tracked_folder(origin, tmp_path):
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=origin["repo"], capture_output=True, text=True).stdout.strip()
-    local, pin = fetch_pinned(str(origin["repo"]), rev, "data/own", tmp_path / "cache")
-    assert pin == dict(dvc_file="data/own.dvc", md5=origin["md5"], rev=rev)
-    assert (local / "pairs.jsonl").read_bytes() == (origin["repo"] / "data" / "own" / "pairs.jsonl").read_bytes()
-    assert len(list((local / "images").iterdir())) == ITEMS
+    local, pin = fetch_pinned(str(origin["repo"]), rev, "data/own/pairs.jsonl", tmp_path / "cache")
+    assert pin == dict(dvc_file="data/own.dvc", md5=origin["md5"], rev=rev, tracked="data/own")
+    assert local.read_bytes() == (origin["repo"] / "data" / "own" / "pairs.jsonl").read_bytes()
+    assert len(list((local.parent / "images").iterdir())) == ITEMS
+
+
+def test_a_run_reads_a_pinned_revision_through_dvc_without_a_checkout(origin, tmp_path):
+    """As on a cluster: no data here; the prepare task fetches (repo, rev, path) from S3."""
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=origin["repo"], capture_output=True, text=True).stdout.strip()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = dudch("run", "--dataset", "manifest:data/own/pairs.jsonl", "--bits", "16",
+                 "--param", f"data_repo={origin['repo']}", "--param", f"data_rev={rev}",
+                 "--param", "teacher_epochs=1", "--param", "student_outer_iterations=1",
+                 "--param", "min_word_count=1", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": store})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(experiment_names=["dudch"], output_format="list")
+    by_stage = {r.data.tags.get("dudch.stage", "pipeline"): r for r in runs}
+    assert by_stage["pipeline"].data.tags["dudch.data_version"] == origin["md5"]
+    prepare = by_stage["prepare"]
+    assert prepare.data.tags["dudch.data_version"] == origin["md5"] and prepare.data.tags["dudch.data_rev"] == rev
+    assert prepare.data.metrics["items"] == ITEMS
+    assert prepare.inputs.dataset_inputs[0].dataset.name == "manifest"
 
 
 def test_an_unreachable_remote_is_one_line(origin, tmp_path):
