@@ -115,6 +115,9 @@ def describe(source, config=PrepareConfig()):
         size = stored[1:] if stored else (config.image_size, config.image_size, 3)
         image = dict(kind="pixels", shape=[len(data), *map(int, size)])
     warnings = list(data.warnings)
+    if data.skip_unreadable:
+        warnings.append("images are not decoded here: any that cannot be decoded will be left out "
+                        "by prepare, so n may shrink")
     if config.text_features == "bow":
         empty = int((encode_text(data, config.min_word_count)[0].sum(axis=1) == 0).sum())
         if empty:
