@@ -17,10 +17,9 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
     from dataclasses import asdict
 
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    from components.tracking import stage_run
+    from components.tracking import dataset_source, stage_run
     from dudch import prepare, sources
     from dudch.storage import save_npz
 
@@ -50,6 +49,6 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
             save_npz(os.path.join(tmp, "items.npz"), item_id=label_data["item_id"], text=label_data["text"])
             mlflow.log_artifact(os.path.join(tmp, "items.npz"), "retrieval")
         # What training read, by content: the same digest means the same inputs.
-        mlflow.log_input(MetaDataset(resolve_dataset_source(data_repo or str(path or kind)),
+        mlflow.log_input(MetaDataset(dataset_source(data_repo or path or sources.DEFAULT_OPENCLIPART),
                                      name=kind, digest=info["digest"]), context="training")
     features.metadata.update(items=info["items"], text_dim=info["text_dim"])

@@ -35,3 +35,20 @@ def log_torch_model(nets, name):
 
     mlflow.pytorch.log_model(nets, name=name, serialization_format="pickle",
                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dudch"])
+
+
+def dataset_source(uri):
+    """The MLflow dataset source recording where data was read: a path, or an s3:// or http(s)
+    URL as MLflow resolves them; any other URL (an ssh:// git remote) as a plain URL source."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow warns that it guessed the source type
+        try:
+            return resolve_dataset_source(str(uri))
+        except MlflowException:
+            return HTTPDatasetSource(str(uri))

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import warnings
 from pathlib import Path
 
 from dudch import DudchError
@@ -64,9 +63,10 @@ def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
     git commit of the project at `root`, with the data logged as the run's input dataset
     (`data_uri`: where it was read). Returns the run id."""
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+
+    from components.tracking import dataset_source
 
     version = pin["md5"] or "untracked"
     client = mlflow.MlflowClient()
@@ -76,10 +76,7 @@ def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
         "mlflow.source.git.commit": git_commit(root), "mlflow.source.name": "dudch run"})
     for key, value in {**params, "dataset": dataset, "data_version": version}.items():
         client.log_param(run.info.run_id, key, value)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MLflow warns that it guessed the source type
-        source = resolve_dataset_source(str(data_uri))
-    entity = MetaDataset(source, name=dataset.split(":")[0], digest=pin["md5"])._to_mlflow_entity()
+    entity = MetaDataset(dataset_source(data_uri), name=dataset.split(":")[0], digest=pin["md5"])._to_mlflow_entity()
     client.log_inputs(run.info.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
     return run.info.run_id
 

@@ -84,3 +84,11 @@ def test_submit_reports_a_refused_token(tmp_path):
     finally:
         server.server_close()
     assert done.returncode == 2 and "refused the request (HTTP 401)" in done.stderr and "KFP_TOKEN" in done.stderr
+
+
+def test_any_data_location_can_be_recorded_as_an_mlflow_dataset_source():
+    from components.tracking import dataset_source
+
+    assert dataset_source("/data/own").to_json() == '{"uri": "/data/own"}'
+    assert dataset_source("s3://bucket/own")._get_source_type() == "s3"
+    assert dataset_source("ssh://git@git.example/team/project.git").url == "ssh://git@git.example/team/project.git"
