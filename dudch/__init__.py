@@ -10,3 +10,9 @@ __version__ = "0.1.0"
 
 class DudchError(Exception):
     """A problem the user can fix. Its message is one line: what is wrong, then the fix."""
+
+
+def first_line(error, limit=200):
+    """An exception (or message) as one short line, for quoting inside a DudchError."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

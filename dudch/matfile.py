@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dudch import DudchError
+from dudch import DudchError, first_line
 
 
 def is_hdf5(path):
@@ -32,7 +32,7 @@ def names(path):
 
         return {name: tuple(shape) for name, shape, _ in whosmat(str(path))}
     except Exception as error:  # scipy and h5py raise many types for a damaged file
-        raise DudchError(f"cannot read {path} ({_reason(error)}): the file is truncated or not a "
+        raise DudchError(f"cannot read {path} ({first_line(error)}): the file is truncated or not a "
                          f"MATLAB .mat file; download it again") from None
 
 
@@ -43,10 +43,11 @@ class Variable:
     def __init__(self, path, name):
         self.path, self.name = Path(path), name
         self.hdf5 = is_hdf5(self.path)
-        if name not in names(self.path):
+        shapes = names(self.path)
+        if name not in shapes:
             raise DudchError(f"{self.path} has no variable {name!r} (it has: "
-                             f"{', '.join(sorted(names(self.path))) or 'none'}); check the file")
-        self.shape = names(self.path)[name]
+                             f"{', '.join(sorted(shapes)) or 'none'}); check the file")
+        self.shape = shapes[name]
         self._loaded = None
 
     def take(self, axis, start, stop):
@@ -68,14 +69,9 @@ class Variable:
         except DudchError:
             raise
         except Exception as error:
-            raise DudchError(f"cannot read {self.name} from {self.path} ({_reason(error)}): the file "
+            raise DudchError(f"cannot read {self.name} from {self.path} ({first_line(error)}): the file "
                              f"is truncated or damaged; download it again") from None
 
     def read(self):
         """The whole array, MATLAB order."""
         return self.take(0, 0, self.shape[0])
-
-
-def _reason(error):
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:160]

@@ -67,10 +67,7 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
             pixels = pixels[rendered] if pixels is not None else None
 
     text, vocabulary = encode_text(data, config.min_word_count, config.text_features)
-    empty_text = int((np.abs(text).sum(axis=1) == 0).sum())
-    if empty_text:
-        warnings.append(f"{empty_text} items have no text word in the vocabulary (all-zero text); "
-                        f"they are kept")
+    warnings += _empty_text_warning(text)
 
     split = make_split(len(data), config)
     _check_finite(image=image, text=text)
@@ -82,17 +79,29 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
                       path=data.path, text=data.display_text(), item_id=data.item_id)
     if thumbnails is not None:
         label_data["thumbnail"] = thumbnails
-    # How a query becomes features, for the retrieval model (`dudch.retrieval`).
-    encoders = dict(
-        text=(dict(kind="minilm") if config.text_features == "minilm" else
-              dict(kind="bow", vocabulary=vocabulary) if data.texts is not None or data.vocabulary else
-              dict(kind="given")),
-        image=dict(kind=IMAGE_EXTRACTOR, size=config.image_size) if data.images is not None else dict(kind="given"))
     info = dict(dataset=data.kind, source=str(source), digest=_digest(features), items=len(data), image_dim=int(image.shape[1]),
                 text_dim=int(text.shape[1]), num_labels=int(labels.shape[1]),
                 split={k: len(v) for k, v in split.items()}, warnings=warnings,
-                config=asdict(config), vocabulary_head=vocabulary[:20], encoders=encoders)
+                config=asdict(config), vocabulary_head=vocabulary[:20],
+                encoders=_encoders(data, config, vocabulary))
     return features, label_data, info
+
+
+def _empty_text_warning(text):
+    empty = int((np.abs(text).sum(axis=1) == 0).sum())
+    return [f"{empty} items have no text word in the vocabulary (all-zero text); they are kept"] if empty else []
+
+
+def _encoders(data, config, vocabulary):
+    """How a query becomes features, for the retrieval model (`dudch.retrieval`)."""
+    if config.text_features == "minilm":
+        text = dict(kind="minilm")
+    elif data.texts is not None or data.vocabulary:
+        text = dict(kind="bow", vocabulary=vocabulary)
+    else:
+        text = dict(kind="given")  # a bag-of-words whose words are not known
+    image = dict(kind=IMAGE_EXTRACTOR, size=config.image_size) if data.images is not None else dict(kind="given")
+    return dict(text=text, image=image)
 
 
 def _digest(features):
@@ -119,10 +128,7 @@ def describe(source, config=PrepareConfig()):
         warnings.append("images are not decoded here: any that cannot be decoded will be left out "
                         "by prepare, so n may shrink")
     if config.text_features == "bow":
-        empty = int((encode_text(data, config.min_word_count)[0].sum(axis=1) == 0).sum())
-        if empty:
-            warnings.append(f"{empty} items have no text word in the vocabulary (all-zero text); "
-                            f"they are kept")
+        warnings += _empty_text_warning(encode_text(data, config.min_word_count)[0])
     return dict(n=len(data), image=image, text_dim=int(text_dim(data, config.min_word_count, config.text_features)),
                 num_labels=0 if data.labels is None else int(data.labels.shape[1]), warnings=warnings)
 

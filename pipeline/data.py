@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 
-from dudch import DudchError, openclipart
+from dudch import DudchError, first_line, openclipart
 from dudch.sources import DEFAULT_OPENCLIPART as OPENCLIPART
 from dudch.storage import atomic_dir
 
@@ -84,7 +84,7 @@ def pin(path, repo=".", rev=None, check_workspace=False):
             return dict(dvc_file=None, md5=None, rev=commit, tracked=None)
     except DvcException as error:
         raise DudchError(f"cannot read the DVC pins of {repo} at {rev or 'the workspace'} "
-                         f"({_reason(error)}); check the repository and revision") from None
+                         f"({first_line(error)}); check the repository and revision") from None
 
 
 def _resolved_rev(dvc_repo):
@@ -113,7 +113,7 @@ def fetch_pinned(repo, rev, path, cache_dir):
             with atomic_dir(dest) as tmp:
                 Repo.get(str(repo), str(tracked), out=str(Path(tmp) / tracked), rev=rev)
         except DvcException as error:
-            raise DudchError(f"cannot fetch {path} from {repo} at {rev} ({_reason(error)}); check "
+            raise DudchError(f"cannot fetch {path} from {repo} at {rev} ({first_line(error)}); check "
                              f"the DVC remote and its credentials (AWS_ACCESS_KEY_ID, "
                              f"AWS_SECRET_ACCESS_KEY)") from None
     return dest / path, found
@@ -160,7 +160,7 @@ def transfer(root, direction, targets=()):
                     return repo.push(targets=list(targets) or None)
                 return repo.pull(targets=list(targets) or None)["stats"]["fetched"]
             except DvcException as error:
-                reason = errors[0] if errors else _reason(error)
+                reason = errors[0] if errors else first_line(error)
                 raise DudchError(f"dvc {direction} with remote {remote!r} ({url}) failed ({reason}); "
                                  f"check that the server is reachable, the bucket exists and "
                                  f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are set") from None
@@ -174,8 +174,8 @@ def _dvc_errors():
 
     class Collect(logging.Handler):
         def emit(self, record):
-            cause = f": {_reason(record.exc_info[1])}" if record.exc_info and record.exc_info[1] else ""
-            errors.append(_reason(record.getMessage()) + cause)
+            cause = f": {first_line(record.exc_info[1])}" if record.exc_info and record.exc_info[1] else ""
+            errors.append(first_line(record.getMessage()) + cause)
 
     handler = Collect(level=logging.ERROR)
     saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
@@ -186,8 +186,3 @@ def _dvc_errors():
     finally:
         for logger, (handlers, propagate) in zip(loggers, saved):
             logger.handlers[:], logger.propagate = handlers, propagate
-
-
-def _reason(error):
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dudch import DudchError
+from dudch import DudchError, first_line
 from pipeline.tracking import KIND_TAG, report
 
 from pipeline.retrieval_model import RetrievalModel
@@ -88,15 +88,13 @@ def build(client, parent, bits, directory):
     encoders = json.loads((Path(prepare_dir) / "encoders.json").read_text())
     retrieval.save(local / "retriever", Path(student_dir) / "model.pt", encoders, codes, item_id,
                    [text_of[i] for i in item_id.tolist()])
-    return local / "retriever", encoders
+    return local / "retriever"
 
 
-def _input_example(encoders, retriever_dir):
-    from dudch import retrieval
-
-    if encoders["text"]["kind"] != "given":
+def _input_example(retriever):
+    if retriever.encoders["text"]["kind"] != "given":
         return pd.DataFrame({"text": ["a drawing of a bird"]})
-    width = retrieval.load(retriever_dir).student.dims["text_dim"]
+    width = retriever.student.dims["text_dim"]
     return pd.DataFrame({"text_features": [np.zeros(width, dtype=np.float32).tolist()]})
 
 
@@ -133,10 +131,10 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
         decision = "forced: " + decision.removeprefix("refused: ")
 
     with tempfile.TemporaryDirectory() as tmp:
-        retriever_dir, encoders = build(client, parent, bits, tmp)
-        example = _input_example(encoders, retriever_dir)
-        probe = RetrievalModel()  # a loaded copy for the signature; the logged one stays empty
+        retriever_dir = build(client, parent, bits, tmp)
+        probe = RetrievalModel()  # a loaded copy to check the model before it is logged
         probe.load_context(type("Context", (), {"artifacts": {"retriever": str(retriever_dir)}})())
+        example = _input_example(probe.retriever)
         probe.predict(None, example, {"top_k": 1})  # fails here, not in production, if broken
         with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=f"promote-{bits}bits",
                               parent_run_id=parent.info.run_id,
@@ -182,14 +180,13 @@ def search(model_uri, text=None, image=None, top=10):
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise DudchError(f"cannot load {model_uri} ({reason}); check the name and alias "
+        raise DudchError(f"cannot load {model_uri} ({first_line(error)}); check the name and alias "
                          f"(`dudch promote` sets them)") from None
     query = {"text": [text]} if text is not None else {"image": [str(image)]}
     try:
         (found,) = model.predict(pd.DataFrame(query), params={"top_k": top}).itertuples()
     except mlflow.exceptions.MlflowException as error:
-        raise DudchError(f"{model_uri} refused the query ({str(error).splitlines()[0][:200]})") from None
+        raise DudchError(f"{model_uri} refused the query ({first_line(error)})") from None
     return [dict(rank=r + 1, id=i, distance=d, text=t)
             for r, (i, d, t) in enumerate(zip(found.ids, found.distances, found.texts))]
 

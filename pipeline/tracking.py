@@ -4,7 +4,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from dudch import DudchError
+from dudch import DudchError, first_line
 
 EXPERIMENT = "dudch"
 KIND_TAG = "dudch.kind"
@@ -35,8 +35,7 @@ def connect(root):
                      if uri.startswith("sqlite:///") else None)
         return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
     except Exception as error:  # MLflow raises many types for a broken store
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise DudchError(f"cannot use the MLflow store {uri} ({reason}); fix MLFLOW_TRACKING_URI "
+        raise DudchError(f"cannot use the MLflow store {uri} ({first_line(error)}); fix MLFLOW_TRACKING_URI "
                          f"or unset it to use the local sqlite store") from None
 
 
