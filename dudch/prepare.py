@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dudch import DudchError, sources
-from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, ImageEncoder, encode_text, text_dim
+from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, MINILM_DIM, ImageEncoder, encode_text
 from dudch.storage import save_json, save_npy, save_npz
 
 THUMBNAIL_SIZE = 64  # the images evaluation shows in its retrieval-examples grid
@@ -127,9 +127,13 @@ def describe(source, config=PrepareConfig()):
     if data.skip_unreadable:
         warnings.append("images are not decoded here: any that cannot be decoded will be left out "
                         "by prepare, so n may shrink")
-    if config.text_features == "bow":
-        warnings += _empty_text_warning(encode_text(data, config.min_word_count)[0])
-    return dict(n=len(data), image=image, text_dim=int(text_dim(data, config.min_word_count, config.text_features)),
+    if config.text_features == "minilm" and data.texts is not None:
+        text_width = MINILM_DIM  # without running the sentence model
+    else:
+        text = encode_text(data, config.min_word_count, config.text_features)[0]
+        text_width = text.shape[1]
+        warnings += _empty_text_warning(text)
+    return dict(n=len(data), image=image, text_dim=int(text_width),
                 num_labels=0 if data.labels is None else int(data.labels.shape[1]), warnings=warnings)
 
 

@@ -96,9 +96,8 @@ class Retriever:
         return nets.branch_codes(self.student, kind.split("_")[0], np.asarray(values, dtype=np.float32))
 
     def search(self, codes, k=10):
-        """For each query code: (database rows, Hamming distances) of the k nearest, nearest first."""
-        distances, rows = self.index.search(pack(codes), k)
-        return rows, distances
+        """(Hamming distances, database rows) of the k nearest to each query code, nearest first."""
+        return self.index.search(pack(codes), k)
 
     def _text_features(self, texts):
         from dudch.features import bag_of_words_for, minilm_embeddings

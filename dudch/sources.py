@@ -13,7 +13,6 @@ training never reads.
 """
 
 import csv
-import hashlib
 import io
 import json
 import re
@@ -25,6 +24,7 @@ import numpy as np
 
 from dudch import DudchError, matfile, openclipart
 from dudch.features import IMAGE_SUFFIXES, read_image
+from dudch.storage import sha256_of
 
 KINDS = ("openclipart", "mirflickr25k", "nuswide", "mirflickr25k-zip", "manifest")
 DEFAULT_OPENCLIPART = Path("data") / "openclipart"
@@ -195,7 +195,7 @@ def _cleared_set(folder, prefix, kind):
     if not np.isin(label_rows, (0, 1)).all():
         raise DudchError(f"LAll in {labels.path} holds values other than 0 and 1; it must be a "
                          f"multi-hot label matrix")
-    digest = _file_digest(image.path)
+    digest = sha256_of(image.path)[:16]
     common = dict(kind=kind, item_id=np.array([str(i) for i in range(n)]),
                   path=np.array([f"{image.path.name}#{i}" for i in range(n)]),
                   content_keys=np.array([f"{digest}:{i}" for i in range(n)]),
@@ -261,14 +261,6 @@ class MatImages:
                 image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
             images.append(image)
         return images
-
-
-def _file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _check_finite(name, values, path):
@@ -398,7 +390,7 @@ def _manifest(path):
         label_lists.append(labels)
     label_names = sorted({x for labels in label_lists for x in labels})
     return Source(kind="manifest", item_id=np.array(ids), path=np.array([str(p.relative_to(folder)) for p in images]),
-                  content_keys=np.array([_file_digest(p) for p in images]),
+                  content_keys=np.array([sha256_of(p)[:16] for p in images]),
                   images=FileImages(images), texts=texts,
                   labels=_multi_hot(label_lists, label_names) if has_labels else None,
                   label_names=label_names if has_labels else [])

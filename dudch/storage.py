@@ -1,6 +1,8 @@
-"""Write-then-rename helpers, so that a failed or interrupted write never replaces good output."""
+"""File helpers: write-then-rename, so that a failed or interrupted write never replaces good
+output, and content hashing."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -8,6 +10,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+def sha256_of(path):
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -38,8 +38,12 @@ def workspace_matches_pin(root):
 
     with Repo(str(root)) as repo:
         (stage,) = repo.stage.collect(DVC_FILE)
-        out = stage.outs[0]
-        return out.exists and out.get_hash().value == out.hash_info.value
+        return _in_sync(stage.outs[0])
+
+
+def _in_sync(out):
+    """True when a DVC output's files hash to what its .dvc file pins."""
+    return out.exists and out.get_hash().value == out.hash_info.value
 
 
 def ensure_openclipart(root, archive=None):
@@ -75,7 +79,7 @@ def pin(path, repo=".", rev=None, check_workspace=False):
             for out in dvc_repo.index.outs:
                 if target == out.fs_path or target.startswith(out.fs_path + dvc_repo.fs.sep):
                     dvc_file = dvc_repo.fs.relpath(out.stage.path, dvc_repo.root_dir)
-                    if check_workspace and out.get_hash().value != out.hash_info.value:
+                    if check_workspace and not _in_sync(out):
                         raise DudchError(f"{path} differs from the version pinned in {dvc_file}; "
                                          f"run `dvc add {dvc_repo.fs.relpath(out.fs_path, dvc_repo.root_dir)}` "
                                          f"(and commit the .dvc file) or `dudch data pull`")

@@ -43,7 +43,7 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
         out = pd.DataFrame({"code": ["".join("1" if b > 0 else "0" for b in c) for c in codes]})
         top_k = int((params or {}).get("top_k", 0))
         if top_k > 0:
-            rows, distances = self.retriever.search(codes, top_k)
+            distances, rows = self.retriever.search(codes, top_k)
             out["ids"] = [self.retriever.item_id[r].tolist() for r in rows]
             out["distances"] = [d.astype(int).tolist() for d in distances]
             out["texts"] = [self.retriever.text[r].tolist() for r in rows]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.helpers import OPENCLIPART, ROOT, dudch
+from tests.helpers import OPENCLIPART, run_pipeline
 
 # Credentials of the loopback S3 server: distinctive, so tests can prove they are never written.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "dudch-test-key", "AWS_SECRET_ACCESS_KEY": "dudch-test-secret-9f2c",
@@ -25,14 +25,10 @@ def pipeline_run(tmp_path_factory, openclipart_root):
 
     store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-    before = set((ROOT / ".dudch" / "kfp").glob("dudch-*"))
-    done = dudch("run", "--max-items", "600", "--bits", *map(str, BITS),
-                 "--param", f"teacher_epochs={TEACHER_EPOCHS}",
-                 "--param", f"student_outer_iterations={STUDENT_ITERATIONS}",
-                 "--param", "min_word_count=2", "--param", "min_label_size=10", env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (kfp_dir,) = set((ROOT / ".dudch" / "kfp").glob("dudch-*")) - before
-    run_id = done.stdout.split("MLflow parent run ")[1].split()[0]
+    done, run_id, kfp_dir = run_pipeline("--max-items", "600", "--bits", *map(str, BITS),
+                                         "--param", f"teacher_epochs={TEACHER_EPOCHS}",
+                                         "--param", f"student_outer_iterations={STUDENT_ITERATIONS}",
+                                         "--param", "min_word_count=2", "--param", "min_label_size=10", env=env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     return dict(env=env, stdout=done.stdout, run_id=run_id, kfp_dir=kfp_dir, client=mlflow.MlflowClient())
 

@@ -7,6 +7,16 @@ ROOT = Path(__file__).resolve().parents[1]
 OPENCLIPART = ROOT / "data" / "openclipart"
 
 
+def run_pipeline(*args, env):
+    """`dudch run ARGS` in the project root: (CompletedProcess, parent run id, the run's KFP
+    output folder); the test fails here, with the run's output, when the run does."""
+    before = set((ROOT / ".dudch" / "kfp").glob("dudch-*"))
+    done = dudch("run", *args, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (kfp_dir,) = set((ROOT / ".dudch" / "kfp").glob("dudch-*")) - before
+    return done, done.stdout.split("MLflow parent run ")[1].split()[0], kfp_dir
+
+
 def dudch(*args, env=None, cwd=ROOT, timeout=900):
     """Run the real `dudch` console script of this virtualenv; returns the CompletedProcess."""
     command = [str(Path(sys.executable).with_name("dudch")), *args]

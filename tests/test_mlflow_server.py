@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, wait_for_port
-from tests.helpers import ROOT, dudch
+from tests.helpers import ROOT, dudch, run_pipeline
 
 BUCKET = "mlflow-artifacts"
 
@@ -44,13 +44,9 @@ def tracking_server(s3_endpoint, tmp_path_factory):
 
 def test_pipeline_promote_and_load_through_a_server_with_s3_artifacts(tracking_server):
     env = {"MLFLOW_TRACKING_URI": tracking_server["url"]}
-    before = set((ROOT / ".dudch" / "kfp").glob("dudch-*"))
-    done = dudch("run", "--max-items", "200", "--bits", "16", "--param", "teacher_epochs=2",
-                 "--param", "student_outer_iterations=2", "--param", "min_word_count=2",
-                 "--param", "min_label_size=5", env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (kfp_dir,) = set((ROOT / ".dudch" / "kfp").glob("dudch-*")) - before
-    run_id = done.stdout.split("MLflow parent run ")[1].split()[0]
+    _, run_id, kfp_dir = run_pipeline("--max-items", "200", "--bits", "16", "--param", "teacher_epochs=2",
+                                      "--param", "student_outer_iterations=2", "--param", "min_word_count=2",
+                                      "--param", "min_label_size=5", env=env)
     promoted = dudch("promote", "--run", run_id, env=env)
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     # The gate reads the holder's scores back from the server: equal scores pass.

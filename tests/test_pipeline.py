@@ -1,5 +1,6 @@
 import yaml
 
+from tests.conftest import free_port
 from tests.helpers import ROOT, dudch
 
 
@@ -51,12 +52,9 @@ def test_help_explains_every_command():
 
 
 def test_submit_to_an_unreachable_host_fails_fast_with_one_line():
-    import socket
     import time
 
-    with socket.socket() as probe:  # a loopback port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a loopback port that nothing listens on
     started = time.time()
     done = dudch("submit", "--host", f"http://127.0.0.1:{port}", "--param", "dataset=openclipart:/data", timeout=60)
     assert done.returncode == 2 and time.time() - started < 30
