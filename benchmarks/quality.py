@@ -1,14 +1,20 @@
 """Quality benchmark on OpenClipart: teacher (DJSRH), student (DUDCH), CCA-ITQ and two
-ablations, at 16/32/64/128 bits, mean and std over seeds, on the query set.
+ablations, at 16/32/64/128 bits, on the query set; mean and std over seeds. mAP@50 (DJSRH's
+calculate_top_map, the paper's metric) and mAP@all side by side, with the fraction of
+distinct database codes.
 
-Hyperparameters are chosen on the validation split only (validation items querying the
-database without them); the `--tune` pass reports every similarity-reconstruction design it
-tried. Same functions as the pipeline's stages (dudch.*), without KFP or MLflow around them.
+    .venv/bin/python benchmarks/quality.py           # -> benchmarks/results/quality-openclipart.{json,md}
+    .venv/bin/python benchmarks/quality.py --tune    # -> benchmarks/results/tuning-openclipart.{json,md}
 
-    .venv/bin/python benchmarks/quality.py            # writes benchmarks/results/quality-openclipart.{json,md}
+`--tune` scores every design in DESIGNS on the validation split (validation items querying the
+database without them), never on the queries; the student's defaults were chosen from it.
+Teachers are cached in .dudch/bench/teachers by the prepared features' digest and the teacher's
+config, so tuning, reruns and the main run train each teacher once. Same functions as the
+pipeline's stages (dudch.*), without KFP or MLflow around them.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -24,25 +30,40 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dudch import evaluate, prepare, similarity  # noqa: E402
+from dudch import evaluate, nets, prepare, similarity  # noqa: E402
 from dudch.baselines import CCAITQ  # noqa: E402
 from dudch.student import StudentConfig  # noqa: E402
 from dudch.student import fit as fit_student  # noqa: E402
 from dudch.teacher import TeacherConfig  # noqa: E402
 from dudch.teacher import fit as fit_teacher  # noqa: E402
 
-METHODS = ("teacher", "student", "cca_itq", "student_no_dcc", "student_raw_sim")
-# Similarity designs compared on the validation split (source, rule, parameter).
-DESIGNS = [("hash", "mutual_knn", 0.03), ("hash", "mutual_knn", 0.2), ("hash", "union_knn", 0.2),
-           ("hash", "quantile", 0.1), ("hash", "quantile", 0.2), ("hash", "quantile", 0.3),
-           ("deep", "quantile", 0.2), ("both", "quantile", 0.2), ("raw", "quantile", 0.2)]
+METHODS = ("teacher", "student", "student_inductive", "cca_itq", "student_relaxed", "student_raw_sim")
+GATED = ("map_50", "map_all")  # the student must be at or above the teacher on both
+# (name, similarity graph settings, student settings): what --tune compares, each against the
+# defaults. Graph settings: source, rule, parameter (kNN rules and graded: neighbours as a fraction
+# of the database; quantile: the similar fraction), related_fraction.
+QUANTILE = dict(rule="quantile", parameter=0.2)
+DESIGNS = [
+    ("before: quantile 20%, unbalanced, random start", QUANTILE, dict(soft_constraint=False, init="random")),
+    ("quantile 20%", QUANTILE, {}),
+    ("quantile 5%", dict(QUANTILE, parameter=0.05), {}),
+    ("union kNN 1%", dict(rule="union_knn"), {}),
+    ("graded 1%/20%, SGD as ADSH", {}, dict(optimizer="sgd", lr_step=10, weight_decay=5e-4)),
+    ("graded 1%/20%, unbalanced", {}, dict(soft_constraint=False)),
+    ("graded 1%/20%, zeros start as ADSH", {}, dict(init="zeros")),
+    ("graded 1%/20%, lr / 10 every 10 iterations", {}, dict(lr_step=10)),
+    ("graded 1%/10%", dict(related_fraction=0.1), {}),
+    ("graded 2%/20%", dict(parameter=0.02), {}),
+    ("graded 1%/20% (default)", {}, {}),
+]
 
 
-def graph_for(source, rule, fraction, features, teacher):
+def graph_for(features, teacher, source=similarity.DEFAULT_SOURCE, rule=similarity.DEFAULT_RULE,
+              parameter=similarity.NEIGHBOUR_FRACTION, related_fraction=similarity.RELATED_FRACTION):
     database = features["database"]
-    z = similarity.embedding(source, features["image"][database], features["text"][database], teacher)
-    parameter = fraction if rule == "quantile" else max(1, round(fraction * len(database)))
-    return similarity.SimilarityGraph(z, rule, parameter)
+    z, codes = similarity.embedding(source, features["image"][database], features["text"][database], teacher)
+    value = parameter if rule == "quantile" else max(1, round(parameter * len(database)))
+    return similarity.SimilarityGraph(z, rule, value, related_fraction, codes)
 
 
 def train_student(features, graph, config):
@@ -51,86 +72,135 @@ def train_student(features, graph, config):
                        np.searchsorted(database, features["train"]), graph, config)
 
 
-def run_seed(features, labels, bits, seed, split, designs=None):
-    """All methods at one bit length and seed; returns score rows (and design rows if asked)."""
+def cached_teacher(features, info, config):
+    """The teacher for these features and config, trained once and kept in .dudch/bench."""
+    key = hashlib.sha256(json.dumps([info["digest"], asdict(config), torch.__version__]).encode()).hexdigest()[:20]
+    path = ROOT / ".dudch" / "bench" / "teachers" / f"{key}.pt"
+    if path.exists():
+        return nets.load(path)[0]
     train = features["train"]
-    teacher = fit_teacher(features["image"][train], features["text"][train], TeacherConfig(bits=bits, seed=seed))
-    cca = CCAITQ(bits, seed=seed).fit(features["image"][train], features["text"][train])
+    teacher = fit_teacher(features["image"][train], features["text"][train], config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nets.save(path, teacher, config)
+    return teacher
+
+
+def run_seed(features, labels, info, bits, seed, ablations):
+    """Every method at one bit length and seed on the query set: score rows."""
+    teacher = cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed))
     config = StudentConfig(bits=bits, seed=seed)
-    source, rule = similarity.DEFAULT_SOURCE, similarity.DEFAULT_RULE
-    distilled = graph_for(source, rule, similarity.SIMILAR_FRACTION, features, teacher)
+    distilled = graph_for(features, teacher)
     student, codes = train_student(features, distilled, config)
-    no_dcc, no_dcc_codes = train_student(features, distilled, replace(config, discrete=False))
-    raw, raw_codes = train_student(features, graph_for("raw", rule, similarity.SIMILAR_FRACTION, features, None), config)
-    codes_by_method = {
-        "teacher": evaluate.teacher_codes(teacher, features, split),
-        **evaluate.student_codes(student, codes, features, split),
-        "cca_itq": evaluate.cca_itq_codes(cca, features, split),
-        "student_no_dcc": evaluate.student_codes(no_dcc, no_dcc_codes, features, split)["student"],
-        "student_raw_sim": evaluate.student_codes(raw, raw_codes, features, split)["student"],
-    }
-    rows, _ = evaluate.score(codes_by_method, features, labels, bits, split, curves=False)
-    design_rows = []
-    for source, rule, fraction in designs or []:
-        graph = graph_for(source, rule, fraction, features, teacher)
-        net, design_codes = train_student(features, graph, config)
-        scored, _ = evaluate.score({"student": evaluate.student_codes(net, design_codes, features, split)["student"]},
-                                   features, labels, bits, split, curves=False)
-        design_rows += [dict(r, source=source, rule=rule, similar_fraction=fraction,
-                             density=graph.density()) for r in scored]
-        print(f"  design {source}/{rule}/{fraction}: " + " ".join(f"{r['direction']} {r['map_all']:.4f}" for r in scored), flush=True)
-    return rows, design_rows
+    codes_by_method = {"teacher": evaluate.teacher_codes(teacher, features),
+                       **evaluate.student_codes(student, codes, features)}
+    if ablations:
+        train = features["train"]
+        cca = CCAITQ(bits, seed=seed).fit(features["image"][train], features["text"][train])
+        relaxed, relaxed_codes = train_student(features, distilled, replace(config, discrete=False))
+        raw_config = replace(config, init="zeros")  # no teacher, so no teacher codes to start from
+        raw, raw_codes = train_student(features, graph_for(features, None, source="raw"), raw_config)
+        codes_by_method.update(cca_itq=evaluate.cca_itq_codes(cca, features),
+                               student_relaxed=evaluate.student_codes(relaxed, relaxed_codes, features)["student"],
+                               student_raw_sim=evaluate.student_codes(raw, raw_codes, features)["student"])
+    rows, _ = evaluate.score(codes_by_method, features, labels, bits, curves=False)
+    return [dict(r, seed=seed) for r in rows]
 
 
-def aggregate(rows):
-    table = []
-    keys = sorted({(r["method"], r["bits"], r["direction"]) for r in rows},
-                  key=lambda k: ((METHODS + ("student_inductive",)).index(k[0]), k[1], k[2]))
-    for method, bits, direction in keys:
-        group = [r for r in rows if (r["method"], r["bits"], r["direction"]) == (method, bits, direction)]
-        table.append(dict(method=method, bits=bits, direction=direction,
-                          map_all=float(np.mean([r["map_all"] for r in group])),
-                          map_all_std=float(np.std([r["map_all"] for r in group])),
-                          map_50=float(np.mean([r["map_50"] for r in group])), seeds=len(group)))
-    return table
+def tune(features, labels, info, bits, seed):
+    """Every design in DESIGNS on the validation split: score rows with the design's name."""
+    teacher = cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed))
+    rows, _ = evaluate.score({"teacher": evaluate.teacher_codes(teacher, features, "validation")},
+                             features, labels, bits, "validation", curves=False)
+    rows = [dict(r, design="teacher (DJSRH)", density=None) for r in rows]
+    for name, graph_settings, student_settings in DESIGNS:
+        graph = graph_for(features, teacher, **graph_settings)
+        started = time.time()
+        student, codes = train_student(features, graph, replace(StudentConfig(bits=bits, seed=seed), **student_settings))
+        scored, _ = evaluate.score({"student": evaluate.student_codes(student, codes, features, "validation")["student"]},
+                                   features, labels, bits, "validation", curves=False)
+        rows += [dict(r, design=name, density=graph.density(), seconds=time.time() - started) for r in scored]
+        print(f"{bits} bits, {name}: " + " ".join(f"{r['direction']} {r['map_50']:.3f}/{r['map_all']:.3f}" for r in scored), flush=True)
+    return rows
 
 
-def margins(table, bits_list):
-    """Student minus teacher and minus CCA-ITQ, in mAP@all points, per direction."""
-    value = {(r["method"], r["bits"], r["direction"]): r["map_all"] for r in table}
+def aggregate(rows, by=("method", "bits", "direction")):
+    """Mean (and std) over seeds of each metric, per `by` group, in first-seen order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    return [dict(zip(by, key), seeds=len(group),
+                 **{m: float(np.mean([r[m] for r in group])) for m in (*GATED, "distinct_codes")},
+                 **{f"{m}_std": float(np.std([r[m] for r in group])) for m in GATED})
+            for key, group in groups.items()]
+
+
+def comparison(table, bits_list):
+    """Student minus teacher (and minus CCA-ITQ) in points, per metric and direction."""
+    value = {(r["method"], r["bits"], r["direction"]): r for r in table}
     out = {}
-    for direction in evaluate.DIRECTIONS:
-        gains = [100 * (value[("student", b, direction)] - value[("teacher", b, direction)]) for b in bits_list]
-        beats_cca = all(value[("student", b, direction)] > value[("cca_itq", b, direction)] for b in bits_list)
-        out[direction] = dict(mean_gain_over_teacher_points=float(np.mean(gains)),
-                              gain_per_bits=dict(zip(map(str, bits_list), gains)), beats_cca_itq_at_every_bits=beats_cca)
+    for metric in GATED:
+        for direction in evaluate.DIRECTIONS:
+            gains = [100 * (value[("student", b, direction)][metric] - value[("teacher", b, direction)][metric])
+                     for b in bits_list]
+            entry = dict(mean_gain_over_teacher_points=float(np.mean(gains)),
+                         gain_per_bits=dict(zip(map(str, bits_list), gains)),
+                         at_or_above_teacher_at_every_bits=all(g >= 0 for g in gains))
+            if all(("cca_itq", b, direction) in value for b in bits_list):
+                entry["above_cca_itq_at_every_bits"] = all(
+                    value[("student", b, direction)][metric] > value[("cca_itq", b, direction)][metric] for b in bits_list)
+            out[f"{metric}.{direction}"] = entry
     return out
 
 
+def header(result, what):
+    return [f"Machine: {result['machine']}. Command: `{result['command']}` at commit {result['commit']}. "
+            f"Wall time: {result['wall_time_s'] / 60:.1f} min.",
+            f"{what}: {result['dataset']['split']['query']} queries against a database of "
+            f"{result['dataset']['split']['database']} items; {result['dataset']['num_labels']} labels.", ""]
+
+
+def cells(r, std=True):
+    spread = lambda m: f" +- {r[m + '_std']:.3f}" if std and r.get("seeds", 1) > 1 else ""
+    return f"{r['map_50']:.3f}{spread('map_50')} | {r['map_all']:.3f}{spread('map_all')} | {r['distinct_codes']:.2f}"
+
+
 def markdown(result):
-    lines = ["# Quality on OpenClipart", "",
-             f"Machine: {result['machine']}. Command: `{result['command']}` at commit {result['commit']}. "
-             f"Wall time: {result['wall_time_s'] / 60:.1f} min.",
-             f"Query set of {result['dataset']['split']['query']} items against a database of "
-             f"{result['dataset']['split']['database']}; {result['dataset']['num_labels']} labels; mean +- std over seeds {result['seeds']}.",
-             "", "| method | bits | I->T mAP@all | T->I mAP@all | I->T mAP@50 | T->I mAP@50 |", "|---|---|---|---|---|---|"]
-    by = {(r["method"], r["bits"], r["direction"]): r for r in result["rows"] + result["extra_rows"]}
-    for method in METHODS + ("student_inductive",):
+    lines = ["# Quality on OpenClipart", "", *header(result, "Query set"),
+             f"Mean +- std over seeds {result['seeds']} (ablations and CCA-ITQ: seeds {result['ablation_seeds']}). "
+             "mAP@50 is DJSRH's calculate_top_map; distinct: distinct database codes / database size.", "",
+             "| method | bits | I->T mAP@50 | I->T mAP@all | I->T distinct | T->I mAP@50 | T->I mAP@all | T->I distinct |",
+             "|---|---|---|---|---|---|---|---|"]
+    by = {(r["method"], r["bits"], r["direction"]): r for r in result["table"]}
+    for method in METHODS:
         for bits in result["bits"]:
-            i, t = by.get((method, bits, "i2t")), by.get((method, bits, "t2i"))
-            if i and t:
-                lines.append(f"| {method} | {bits} | {i['map_all']:.4f} +- {i['map_all_std']:.4f} | "
-                             f"{t['map_all']:.4f} +- {t['map_all_std']:.4f} | {i['map_50']:.4f} | {t['map_50']:.4f} |")
-    lines += ["", "Student minus teacher, mAP@all points averaged over bit lengths: " + ", ".join(
-        f"{d} {m['mean_gain_over_teacher_points']:+.2f} (beats CCA-ITQ at every length: {m['beats_cca_itq_at_every_bits']})"
-        for d, m in result["margins"].items())]
-    if result["tuning"]:
-        lines += ["", f"## Similarity designs tried (validation split, {result['tuning_bits']} bits, seed 0)", "",
-                  "| source | rule | similar fraction | density | I->T mAP@all | T->I mAP@all |", "|---|---|---|---|---|---|"]
-        for i in range(0, len(result["tuning"]), 2):
-            a, b = result["tuning"][i], result["tuning"][i + 1]
-            lines.append(f"| {a['source']} | {a['rule']} | {a['similar_fraction']} | {a['density']:.3f} | {a['map_all']:.4f} | {b['map_all']:.4f} |")
-    lines += ["", "Chosen hyperparameters:", "", "```json", json.dumps(result["hyperparameters"], indent=2), "```", ""]
+            if (method, bits, "i2t") in by:
+                lines.append(f"| {method} | {bits} | {cells(by[(method, bits, 'i2t')])} | {cells(by[(method, bits, 't2i')])} |")
+    lines += ["", "Student minus teacher, points, per bit length and averaged:", "",
+              "| metric | direction | " + " | ".join(f"{b} bits" for b in result["bits"]) + " | mean | at or above at every length |",
+              "|---|---|" + "---|" * (len(result["bits"]) + 2)]
+    for key, m in result["comparison"].items():
+        metric, direction = key.split(".")
+        lines.append(f"| {metric} | {direction} | " + " | ".join(f"{g:+.2f}" for g in m["gain_per_bits"].values())
+                     + f" | {m['mean_gain_over_teacher_points']:+.2f} | {m['at_or_above_teacher_at_every_bits']} |")
+    lines += ["", "Settings (the defaults of `dudch params`):", "", "```json",
+              json.dumps(result["hyperparameters"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def tuning_markdown(result):
+    lines = ["# Student designs on OpenClipart's validation split", "", *header(result, "Validation split"),
+             f"Seed {result['seeds'][0]}; the validation items query the database without them. Each cell: "
+             "mAP@50 | mAP@all | distinct database codes / database size. Density: fraction of pairs at the "
+             "graph's top level.", ""]
+    for bits in result["bits"]:
+        lines += [f"## {bits} bits", "", "| design | density | I->T mAP@50 | I->T mAP@all | I->T distinct | "
+                  "T->I mAP@50 | T->I mAP@all | T->I distinct |", "|---|---|---|---|---|---|---|---|"]
+        rows = [r for r in result["rows"] if r["bits"] == bits]
+        for i in range(0, len(rows), 2):
+            a, b = rows[i], rows[i + 1]
+            density = "" if a["density"] is None else f"{a['density']:.3f}"
+            lines.append(f"| {a['design']} | {density} | {cells(a, std=False)} | {cells(b, std=False)} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -147,43 +217,51 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tune-bits", type=int, default=32, help="bit length of the design comparison (0: skip)")
+    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0],
+                        help="seeds that also train CCA-ITQ and the two ablations (each costs two student fits)")
+    parser.add_argument("--tune", action="store_true", help="score DESIGNS on the validation split (first seed)")
     parser.add_argument("--max-items", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality-openclipart")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default: benchmarks/results/"
+                        "quality-openclipart, or tuning-openclipart with --tune)")
     args = parser.parse_args()
     os.chdir(ROOT)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     started = time.time()
-    rows, tuning, info = [], [], None
-    for seed in args.seeds:
+    rows, info = [], None
+    for seed in (args.seeds[:1] if args.tune else args.seeds):
         features, labels, info = prepare.prepare(f"openclipart:{ROOT / 'data' / 'openclipart'}", ROOT / ".dudch" / "cache",
-                                                 prepare.PrepareConfig(seed=seed, max_items=args.max_items))
+                                                 prepare.PrepareConfig(seed=seed, max_items=args.max_items), progress=False)
         for bits in args.bits:
-            designs = DESIGNS if seed == args.seeds[0] and bits == args.tune_bits else None
-            if designs:
-                print(f"seed {seed}, {bits} bits: similarity designs on the validation split", flush=True)
-                tuning += run_seed(features, labels, bits, seed, "validation", designs)[1]
-            seed_rows, _ = run_seed(features, labels, bits, seed, "query")
+            if args.tune:
+                rows += tune(features, labels, info, bits, seed)
+                continue
+            seed_rows = run_seed(features, labels, info, bits, seed, seed in args.ablation_seeds)
             rows += seed_rows
-            print(f"seed {seed}, {bits} bits: " + ", ".join(f"{r['method']} {r['direction']} {r['map_all']:.4f}"
-                                                            for r in seed_rows), flush=True)
-    table = aggregate(rows)
+            print(f"seed {seed}, {bits} bits (mAP@50/mAP@all): " + ", ".join(
+                f"{r['method']} {r['direction']} {r['map_50']:.3f}/{r['map_all']:.3f}" for r in seed_rows), flush=True)
     result = dict(
         dataset=dict(name="openclipart", items=info["items"], num_labels=info["num_labels"], split=info["split"]),
         machine=machine(),
         command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", *sys.argv[1:]]),
         commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        wall_time_s=time.time() - started, seeds=args.seeds, bits=args.bits, tuning_bits=args.tune_bits,
+        wall_time_s=time.time() - started, seeds=args.seeds[:1] if args.tune else args.seeds,
+        ablation_seeds=args.ablation_seeds, bits=args.bits,
         hyperparameters=dict(teacher=asdict(TeacherConfig()), student=asdict(StudentConfig()),
                              similarity=dict(source=similarity.DEFAULT_SOURCE, rule=similarity.DEFAULT_RULE,
-                                             similar_fraction=similarity.SIMILAR_FRACTION),
-                             cca_itq=dict(pca_dim=256, itq_iterations=50)),
-        rows=[r for r in table if r["method"] in METHODS],
-        extra_rows=[r for r in table if r["method"] not in METHODS],
-        margins=margins(table, args.bits), tuning=tuning)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+                                             neighbour_fraction=similarity.NEIGHBOUR_FRACTION,
+                                             related_fraction=similarity.RELATED_FRACTION),
+                             cca_itq=dict(pca_dim=256, itq_iterations=50)))
+    if args.tune:
+        result.update(designs=[dict(name=n, graph=g, student=s) for n, g, s in DESIGNS], rows=rows)
+        out, text = args.out or ROOT / "benchmarks" / "results" / "tuning-openclipart", tuning_markdown(result)
+    else:
+        table = aggregate(rows)
+        result.update(table=table, comparison=comparison(table, args.bits), rows=rows)
+        out, text = args.out or ROOT / "benchmarks" / "results" / "quality-openclipart", markdown(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
             return
         rows, curves = run_evaluation(feature_data, label_data, teacher_nets, student_nets, codes, bits)
         for row in rows:
-            for name in ("map_all", "map_50"):
+            for name in ("map_50", "map_all", "distinct_codes"):
                 key = f"{row['method']}.{row['direction']}.{name}"
                 mlflow.log_metric(key, row[name])
                 metrics.log_metric(key, row[name])

@@ -5,9 +5,11 @@ from components import component
 
 @component
 def reconstruct_similarity(features: Input[Dataset], teacher: Input[Model], source: str, rule: str,
-                           parameter: float, mlflow_parent_run_id: str, similarity: Output[Dataset]):
-    """The teacher's joint embedding of the database (from `source`) and a binarisation rule ->
-    `similarity` (graph.npz: rows of S are computed from it on demand, never n x n)."""
+                           parameter: float, related_fraction: float, mlflow_parent_run_id: str,
+                           similarity: Output[Dataset]):
+    """The teacher's joint embedding of the database (from `source`) and a rule ->
+    `similarity` (graph.npz: rows of S are computed from it on demand, never n x n; with the
+    teacher's joint codes of the database items, the student's starting point)."""
     import os
 
     import mlflow
@@ -21,10 +23,11 @@ def reconstruct_similarity(features: Input[Dataset], teacher: Input[Model], sour
     trained, config = nets.load(os.path.join(teacher.path, "model.pt"))
     value = parameter or default_parameter(rule, len(database))
     with stage_run(mlflow_parent_run_id, "similarity", config["bits"],
-                   params={"source": source, "rule": rule, "parameter": value}):
+                   params={"source": source, "rule": rule, "parameter": value,
+                           "related_fraction": related_fraction}):
         image = nets.image_input(trained, data) if source != "raw" else data["image"]
-        z = embedding(source, image[database], data["text"][database], trained)
-        graph = SimilarityGraph(z, rule, value)
+        z, teacher_codes = embedding(source, image[database], data["text"][database], trained)
+        graph = SimilarityGraph(z, rule, value, related_fraction, teacher_codes)
         os.makedirs(similarity.path, exist_ok=True)
         graph.save(os.path.join(similarity.path, "graph.npz"))
         mlflow.log_metric("similar_fraction", graph.density())

@@ -6,7 +6,8 @@ from components import component
 @component
 def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: int,
                   outer_iterations: int, inner_epochs: int, omega_size: int, batch_size: int,
-                  gamma: float, lr: float, seed: int, mlflow_parent_run_id: str,
+                  gamma: float, soft_constraint: bool, optimizer: str, lr: float, lr_step: int,
+                  weight_decay: float, init: str, seed: int, mlflow_parent_run_id: str,
                   student: Output[Model]):
     """Asymmetric networks + DCC against the reconstructed similarity -> `student` (model.pt and
     codes.npz: the database codes B, exactly +-1, with the database item ids)."""
@@ -24,7 +25,9 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
     from dudch.student import StudentConfig, fit
 
     config = StudentConfig(bits=bits, outer_iterations=outer_iterations, inner_epochs=inner_epochs,
-                           omega_size=omega_size, batch_size=batch_size, gamma=gamma, lr=lr, seed=seed)
+                           omega_size=omega_size, batch_size=batch_size, gamma=gamma,
+                           soft_constraint=soft_constraint, optimizer=optimizer, lr=lr, lr_step=lr_step,
+                           weight_decay=weight_decay, init=init, seed=seed)
     data = prepare.load_features(features.path, expect=("image", "text", "database", "train", "item_id"))
     database = data["database"]
     graph = SimilarityGraph.load(os.path.join(similarity.path, "graph.npz"))

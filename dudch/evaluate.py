@@ -70,7 +70,9 @@ def score(codes_by_method, features, labels, bits, split="query", curves=True):
     """Returns (rows, curves).
 
     codes_by_method: {method: {direction: (query codes, database codes)}}.
-    rows: [{"method", "bits", "direction", "map_all", "map_50"}] for every method and direction.
+    rows: [{"method", "bits", "direction", "map_all", "map_50", "distinct_codes"}] for every
+    method and direction; distinct_codes is the fraction of database codes that are distinct
+    (1: every item has its own code; low values mean big ties, where rankings are arbitrary).
     curves: {method: {direction: {"pr": (precision, recall), "top": (cutoffs, precision)}}}
     (empty when curves=False).
     """
@@ -85,7 +87,8 @@ def score(codes_by_method, features, labels, bits, split="query", curves=True):
         for direction, (q, b) in by_direction.items():
             stats = metrics.rank_statistics(q, b, query_labels, db_labels, TOP_K, cutoffs)
             rows.append(dict(method=method, bits=bits, direction=direction,
-                             map_all=float(stats["ap_all"].mean()), map_50=float(stats["ap_top"].mean())))
+                             map_all=float(stats["ap_all"].mean()), map_50=float(stats["ap_top"].mean()),
+                             distinct_codes=len(np.unique(b, axis=0)) / len(b)))
             if curves:
                 all_curves.setdefault(method, {})[direction] = dict(
                     pr=metrics.precision_recall(stats),

@@ -7,7 +7,8 @@ Conventions (identical in every function here):
 - a database item is relevant to a query when their multi-hot label rows share a label;
 - AP of a query = mean, over the relevant items retrieved, of the precision at their ranks;
   mAP@K averages over ALL queries, a query with no relevant item in its top K adding 0
-  (DJSRH's calc_map_k); mAP@all is mAP@K with K = the database size.
+  (DJSRH's `calculate_top_map`, whose AP@K divides by the relevant items found in the top K);
+  mAP@all is mAP@K with K = the database size.
 
 How: codes and labels are packed into 64-bit words; a compiled kernel (numba) takes each query
 in two linear passes over the database, with no sort. Pass 1 computes every distance (XOR and

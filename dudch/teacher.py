@@ -6,7 +6,9 @@ Per mini-batch of m pairs, with F_I, F_T the L2-normalised input features:
     B_I = tanh(alpha h_I), B_T = tanh(alpha h_T), rows L2-normalised, alpha = sqrt(epoch + 1)
     loss = lambda1 MSE(B_I B_I^T, S) + MSE(B_I B_T^T, S) + lambda2 MSE(B_T B_T^T, S)
 Networks as DJSRH with a frozen image backbone: image features -> linear hash layer; text
-BoW -> 4096 -> ReLU -> k. Codes: sign(h).
+BoW -> 4096 -> ReLU -> k. Codes: sign(h). Departures: the backbone is EfficientNet-Lite0 rather
+than AlexNet/VGG, and with image_input="pixels" (fine-tuning it end to end) the images are not
+augmented (DJSRH's loader crops and flips them at random), so that runs are reproducible.
 """
 
 import math

@@ -96,8 +96,9 @@ def _parser():
     submit.set_defaults(handler=_submit)
 
     promote = commands.add_parser("promote", help="register a pipeline run's student as a retrieval "
-                                  "model in the MLflow registry; the alias moves to it only if its "
-                                  "mAP@all beats the alias holder's in both directions",
+                                  "model in the MLflow registry, if it passes the gate: at the alias "
+                                  "holder's bit length, mAP@50 and mAP@all at least the holder's in "
+                                  "both directions (a refused run is not registered)",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     promote.add_argument("--run", required=True, metavar="RUN_ID", help="a pipeline (parent) run id")
     promote.add_argument("--bits", type=int, help="which code length (default: the longest trained)")
@@ -115,8 +116,8 @@ def _parser():
     search.add_argument("--top", type=int, default=10, help="how many items to list")
     search.set_defaults(handler=_search)
 
-    compare = commands.add_parser("compare", help="student mAP@all by bits and direction across "
-                                  "the latest pipeline runs, and the parameters that differ")
+    compare = commands.add_parser("compare", help="student mAP@50 and mAP@all by bits and direction "
+                                  "across the latest pipeline runs, and the parameters that differ")
     compare.add_argument("--last", type=int, default=5, metavar="N", help="how many runs (default 5)")
     compare.add_argument("--json", action="store_true", help="print one JSON object")
     compare.set_defaults(handler=_compare)
@@ -185,9 +186,20 @@ def _pipeline_parameters(with_run_inputs=False):
             if with_run_inputs or name not in RUN_INPUTS}
 
 
+def parameter_descriptions():
+    """{name: description} from the `Args:` section of the pipeline's docstring (the same text
+    the KFP run form shows)."""
+    from pipeline.pipeline import dudch_pipeline
+
+    args = (dudch_pipeline.pipeline_func.__doc__ or "").partition("Args:")[2]
+    return dict(re.findall(r"^\s+(\w+): (.+)$", args, flags=re.MULTILINE))
+
+
 def _params(args):
+    described = parameter_descriptions()
     for name, p in _pipeline_parameters().items():
-        print(f"{name:<26} {getattr(p.annotation, '__name__', str(p.annotation)):<10} {p.default}")
+        kind = getattr(p.annotation, '__name__', str(p.annotation))
+        print(f"{name:<28} {kind:<6} {str(p.default):<12} {described.get(name, '')}")
 
 
 def _parse_params(pairs, with_run_inputs=False):
@@ -237,7 +249,7 @@ def _run(args):
     finally:
         tracking.finish_parent_run(run_id, succeeded)
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Results (query set, "
-          f"mAP@all and mAP@50):\n")
+          f"mAP@50 and mAP@all; distinct: distinct database codes / database size):\n")
     print(tracking.format_table(tracking.report(experiment_id, run_id)))
     print(f"\nCompare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri "
           f"{tracking.tracking_uri(root)}\n")

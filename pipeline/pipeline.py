@@ -12,7 +12,7 @@ from components.student import train_student
 from components.teacher import train_teacher
 from pipeline.cluster import on_cluster, with_data
 from dudch.prepare import PrepareConfig
-from dudch.similarity import DEFAULT_RULE, DEFAULT_SOURCE
+from dudch.similarity import DEFAULT_RULE, DEFAULT_SOURCE, RELATED_FRACTION
 from dudch.student import StudentConfig
 from dudch.teacher import TeacherConfig
 
@@ -47,13 +47,61 @@ def dudch_pipeline(
     similarity_source: str = DEFAULT_SOURCE,
     similarity_rule: str = DEFAULT_RULE,
     similarity_parameter: float = 0.0,
+    similarity_related_fraction: float = RELATED_FRACTION,
     student_outer_iterations: int = S.outer_iterations,
     student_inner_epochs: int = S.inner_epochs,
     omega_size: int = S.omega_size,
     student_batch_size: int = S.batch_size,
     gamma: float = S.gamma,
+    soft_constraint: bool = S.soft_constraint,
+    student_optimizer: str = S.optimizer,
     student_lr: float = S.lr,
+    student_lr_step: int = S.lr_step,
+    student_weight_decay: float = S.weight_decay,
+    student_init: str = S.init,
 ):
+    """DUDCH: prepare once, then per bit length teacher -> similarity -> student -> evaluate.
+
+    Args:
+        dataset: the dataset SOURCE: openclipart, mirflickr25k:DIR, nuswide:DIR, mirflickr25k-zip:FILE or manifest:FILE.
+        cache_dir: where decoded and encoded images are cached, by content.
+        mlflow_parent_run_id: the MLflow run that the stages log their child runs under.
+        data_repo: a git repository whose DVC pin the dataset is fetched from (empty: a local path).
+        data_rev: the revision of data_repo (empty: its default branch).
+        bits: the code lengths to train, one teacher and student each.
+        seed: seeds the split and every stage.
+        max_items: use only the first N items (0: all).
+        min_word_count: a text word enters the bag of words when this many items use it.
+        min_label_size: OpenClipart: a category folder becomes a label at this many drawings.
+        text_features: bow (bag of words over tags) or minilm (sentence embeddings).
+        teacher_epochs: DJSRH training epochs (DJSRH: 80).
+        teacher_batch_size: DJSRH batch size (DJSRH: 32).
+        beta: DJSRH weight of the image affinity in the joint affinity (MIRFLICKR 0.9, NUS-WIDE 0.6).
+        eta: DJSRH weight of the second-order affinity term (0.4).
+        mu: DJSRH scale of the joint affinity (1.5).
+        lambda1: DJSRH weight of the image-image reconstruction (0.1).
+        lambda2: DJSRH weight of the text-text reconstruction (0.1).
+        lr_image: DJSRH learning rate of the image network (0.001).
+        lr_text: DJSRH learning rate of the text network (0.01).
+        teacher_image_input: features (hash layer on frozen EfficientNet-Lite0 features) or pixels (fine-tune end to end, GPU).
+        momentum: DJSRH SGD momentum (0.9).
+        weight_decay: DJSRH weight decay (5e-4).
+        similarity_source: the teacher's view the similarity is built from: hash (hash-layer outputs), deep, both, or raw (no teacher: ablation).
+        similarity_rule: graded (1 for union-kNN neighbours, 1/2 for pairs above the related quantile, 0 else), union_knn, mutual_knn or quantile.
+        similarity_parameter: neighbours per item for the kNN rules and graded, or the similar fraction for quantile (0: 1% of the database as neighbours, 0.2 for quantile).
+        similarity_related_fraction: graded: the fraction of all pairs at level 1/2 or above.
+        student_outer_iterations: alternations of network training and a DCC sweep (ADSH: 50).
+        student_inner_epochs: network epochs over Omega per outer iteration (ADSH: 3).
+        omega_size: items sampled per outer iteration (ADSH: 2,000).
+        student_batch_size: network batch size.
+        gamma: weight tying the networks' outputs to the binary codes (ADSH: 200).
+        soft_constraint: ADSH's class balance: similar pairs weigh +1, dissimilar -r with r = similar / dissimilar mass.
+        student_optimizer: sgd (ADSH) or adam.
+        student_lr: the student networks' learning rate (ADSH: 1e-3).
+        student_lr_step: divide the learning rate by 10 every this many outer iterations (0: never).
+        student_weight_decay: the student networks' weight decay (ADSH: 5e-4).
+        student_init: database codes start from the teacher's codes (teacher), zeros (ADSH) or random.
+    """
     prepared = prepare_data(dataset=dataset, data_repo=data_repo, data_rev=data_rev,
                             cache_dir=cache_dir, seed=seed, max_items=max_items,
                             min_word_count=min_word_count, min_label_size=min_label_size,
@@ -71,12 +119,16 @@ def dudch_pipeline(
         similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"],
                                             source=similarity_source, rule=similarity_rule,
                                             parameter=similarity_parameter,
+                                            related_fraction=similarity_related_fraction,
                                             mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("reconstruct similarity")
         on_cluster(similarity)
         student = train_student(features=features, similarity=similarity.outputs["similarity"], bits=k,
                                 outer_iterations=student_outer_iterations,
                                 inner_epochs=student_inner_epochs, omega_size=omega_size,
-                                batch_size=student_batch_size, gamma=gamma, lr=student_lr, seed=seed,
+                                batch_size=student_batch_size, gamma=gamma,
+                                soft_constraint=soft_constraint, optimizer=student_optimizer,
+                                lr=student_lr, lr_step=student_lr_step,
+                                weight_decay=student_weight_decay, init=student_init, seed=seed,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("student (DCC)")
         on_cluster(student, gpu=True)
         on_cluster(evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],

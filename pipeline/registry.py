@@ -17,7 +17,8 @@ from pipeline.retrieval_model import RetrievalModel
 
 MODEL_NAME = "dudch"
 ALIAS = "production"
-GATE_METRICS = ("i2t", "t2i")  # the student's mAP@all in both directions
+# The student's mAP@50 (DJSRH's metric) and mAP@all in both directions, keyed "map_50.i2t".
+GATE_METRICS = tuple(f"{metric}.{direction}" for metric in ("map_50", "map_all") for direction in ("i2t", "t2i"))
 MODEL_CODE = Path(__file__).with_name("retrieval_model.py")  # logged as MLflow "models from code"
 
 
@@ -49,8 +50,8 @@ def _children(client, parent, stage, bits=None):
 
 
 def candidate(client, run_id, bits=None):
-    """(parent run, bits, {direction: student mAP@all or None}) of a finished pipeline run; bits
-    defaults to the longest code the run trained."""
+    """(parent run, bits, {"map_50.i2t": student score or None, ...} for GATE_METRICS) of a
+    finished pipeline run; bits defaults to the longest code the run trained."""
     try:
         parent = client.get_run(run_id)
     except Exception:
@@ -68,7 +69,7 @@ def candidate(client, run_id, bits=None):
         raise DudchError(f"pipeline run {run_id} trained {trained} bits, not {bits}; pass --bits")
     (evaluation,) = _children(client, parent, "evaluate", bits) or [None]
     metrics = evaluation.data.metrics if evaluation else {}
-    scores = {d: metrics.get(f"student.{d}.map_all") for d in GATE_METRICS}
+    scores = {m: metrics.get("student.{1}.{0}".format(*m.split("."))) for m in GATE_METRICS}
     return parent, bits, scores
 
 
@@ -99,10 +100,11 @@ def _input_example(retriever):
 
 
 def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
-    """Register the student of pipeline run `run_id` as a version of model `name`, and move
-    `alias` to it when its mAP@all is at least the alias holder's in both directions (or
-    `force`). Returns a dict: version, decision, scores; the decision and the scores are also
-    the version's tags. A refusal raises DudchError after recording it."""
+    """Register the student of pipeline run `run_id` as a version of model `name` and move
+    `alias` to it, when it passes the gate: at the alias holder's bit length, its mAP@50 and
+    mAP@all at least the holder's in both directions (or `force`). Returns a dict: version,
+    decision, scores; the decision and both score sets are also the version's tags. A refusal
+    registers nothing and raises DudchError."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -116,18 +118,11 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         pass  # no model or no alias yet: nothing to beat
-    held = {d: float(holder.tags[f"dudch.map_all.{d}"]) if holder and f"dudch.map_all.{d}" in holder.tags
-            else None for d in GATE_METRICS}
-    if holder is None:
-        decision = "promoted: no model held the alias"
-    elif None in scores.values():
-        decision = "refused: the run has no mAP (label-less data)"
-    elif None in held.values() or all(scores[d] >= held[d] for d in GATE_METRICS):
-        decision = f"promoted: mAP@all at least version {holder.version}'s in both directions"
-    else:
-        worse = [d for d in GATE_METRICS if scores[d] < held[d]]
-        decision = f"refused: mAP@all below version {holder.version}'s in {', '.join(worse)}"
-    if decision.startswith("refused") and force:
+    decision, held = gate(scores, bits, holder)
+    if decision.startswith("refused"):
+        if not force:
+            raise DudchError(f"{name} run {run_id[:8]} ({bits} bits) not registered: "
+                             f"{decision.removeprefix('refused: ')}; pass --force to promote it anyway")
         decision = "forced: " + decision.removeprefix("refused: ")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,21 +143,38 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
         pass  # it exists: add a version
     version = client.create_model_version(name, logged.model_uri, run_id=logged.run_id, model_id=logged.model_id)
     tags = {"dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
-            **{f"dudch.map_all.{d}": str(v) for d, v in scores.items() if v is not None},
-            **{f"dudch.holder_map_all.{d}": str(v) for d, v in held.items() if v is not None}}
+            **{f"dudch.{m}": str(v) for m, v in scores.items() if v is not None},
+            **{f"dudch.holder_{m}": str(v) for m, v in held.items() if v is not None}}
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
-    result = dict(name=name, version=version.version, decision=decision, scores=scores, held=held)
-    if decision.startswith("refused"):
-        raise DudchError(f"{name} version {version.version} registered but not given @{alias}: "
-                         f"{decision.removeprefix('refused: ')} ({_scores(scores)} vs {_scores(held)}); "
-                         f"pass --force to promote it anyway")
     client.set_registered_model_alias(name, alias, version.version)
-    return result
+    return dict(name=name, version=version.version, decision=decision, scores=scores, held=held)
+
+
+def gate(scores, bits, holder):
+    """(decision, the holder's scores): "promoted: ..." or "refused: ..." for a candidate with
+    `scores` (GATE_METRICS) at `bits` against the model version holding the alias (or None)."""
+    held = {m: float(holder.tags[f"dudch.{m}"]) if holder and f"dudch.{m}" in holder.tags else None
+            for m in GATE_METRICS}
+    if holder is None:
+        return "promoted: no model held the alias", held
+    if None in scores.values():
+        return "refused: the run has no mAP (label-less data)", held
+    held_bits = holder.tags.get("dudch.bits")
+    if held_bits != str(bits):
+        return (f"refused: version {holder.version} holds the alias at {held_bits} bits, this is {bits} "
+                f"bits; compare at the same length (--bits {held_bits})"), held
+    if None in held.values():
+        return f"promoted: version {holder.version} has no mAP@50 and mAP@all to compare with", held
+    worse = [m for m in GATE_METRICS if scores[m] < held[m]]
+    if worse:
+        return (f"refused: below version {holder.version} on {', '.join(worse)} "
+                f"({_scores(scores)} vs {_scores(held)})"), held
+    return f"promoted: mAP@50 and mAP@all at least version {holder.version}'s in both directions", held
 
 
 def _scores(scores):
-    return ", ".join(f"{d} {v:.4f}" if v is not None else f"{d} none" for d, v in scores.items())
+    return ", ".join(f"{m} {v:.4f}" if v is not None else f"{m} none" for m, v in scores.items())
 
 
 def _requirements():
@@ -211,19 +223,21 @@ def compare(experiment_id, last=5):
 
 
 def format_comparison(comparison, method="student"):
-    """The comparison as text: mAP@all by run x (bits, direction), then the differing params."""
+    """The comparison as text: mAP@50 and mAP@all by run x (bits, direction), then the
+    differing params."""
     import time
 
     runs = comparison["runs"]
     keys = sorted({(r["bits"], r["direction"]) for run in runs for r in run["results"] if r["method"] == method})
-    header = f"{'run':<10} {'started':<17}" + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)
-    lines = [f"{method} mAP@all", header]
-    for run in runs:
-        value = {(r["bits"], r["direction"]): r["map_all"] for r in run["results"] if r["method"] == method}
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["start"] / 1000))
-        lines.append(f"{run['run_id'][:8]:<10} {started:<17}"
-                     + "".join(f" {value[k]:>9.4f}" if k in value else f" {'-':>9}" for k in keys))
-    lines.append("")
+    lines = []
+    for metric, title in (("map_50", "mAP@50"), ("map_all", "mAP@all")):
+        lines += [f"{method} {title}", f"{'run':<10} {'started':<17} {'status':<9}" + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)]
+        for run in runs:
+            value = {(r["bits"], r["direction"]): r[metric] for r in run["results"] if r["method"] == method}
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["start"] / 1000))
+            lines.append(f"{run['run_id'][:8]:<10} {started:<17} {run['status']:<9}"
+                         + "".join(f" {value[k]:>9.4f}" if k in value else f" {'-':>9}" for k in keys))
+        lines.append("")
     if comparison["differing"]:
         lines.append("parameters that differ (same run order):")
         for name, values in comparison["differing"].items():

@@ -115,8 +115,9 @@ def report(experiment_id, run_id=None):
                 prefix = f"{method}.{direction}."
                 if prefix + "map_all" in child.data.metrics:
                     results.append(dict(method=method, bits=bits, direction=direction,
+                                        map_50=child.data.metrics[prefix + "map_50"],
                                         map_all=child.data.metrics[prefix + "map_all"],
-                                        map_50=child.data.metrics[prefix + "map_50"]))
+                                        distinct_codes=child.data.metrics.get(prefix + "distinct_codes")))
     results.sort(key=lambda r: (RESULT_METHODS.index(r["method"]), r["bits"], r["direction"]))
     return dict(run_id=run_id, dataset=parent.data.tags.get("dudch.dataset"),
                 data_version=parent.data.tags.get("dudch.data_version"), status=parent.info.status,
@@ -128,7 +129,8 @@ def format_table(report_object):
     if not report_object["results"]:
         return ("No mAP: the dataset has no labels (or evaluation has not run). The codes were "
                 "trained and logged; give the items labels to evaluate retrieval.")
-    lines = [f"{'method':<10} {'bits':>4}  {'direction':<9} {'mAP@all':>8} {'mAP@50':>8}"]
+    lines = [f"{'method':<10} {'bits':>4}  {'direction':<9} {'mAP@50':>8} {'mAP@all':>8} {'distinct':>8}"]
     for r in report_object["results"]:
-        lines.append(f"{r['method']:<10} {r['bits']:>4}  {r['direction']:<9} {r['map_all']:>8.4f} {r['map_50']:>8.4f}")
+        distinct = f"{r['distinct_codes']:>8.2f}" if r.get("distinct_codes") is not None else f"{'-':>8}"
+        lines.append(f"{r['method']:<10} {r['bits']:>4}  {r['direction']:<9} {r['map_50']:>8.4f} {r['map_all']:>8.4f} {distinct}")
     return "\n".join(lines)

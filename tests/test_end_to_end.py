@@ -65,7 +65,7 @@ def test_student_codes_are_exactly_plus_minus_one(pipeline_run):
 
 
 def test_run_prints_the_table_and_report_reads_it_back(pipeline_run, parent):
-    assert "mAP@all" in pipeline_run["stdout"] and "mlflow ui --backend-store-uri" in pipeline_run["stdout"]
+    assert "mAP@50 and mAP@all" in pipeline_run["stdout"] and "mlflow ui --backend-store-uri" in pipeline_run["stdout"]
     done = dudch("report", "--json", env=pipeline_run["env"])
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -74,4 +74,5 @@ def test_run_prints_the_table_and_report_reads_it_back(pipeline_run, parent):
     assert sorted((r["method"], r["bits"], r["direction"]) for r in report["results"]) == sorted(
         (m, b, d) for m in ("teacher", "student") for b in BITS for d in ("i2t", "t2i"))
     for row in report["results"]:
-        assert f"{row['method']:<10} {row['bits']:>4}  {row['direction']:<9} {row['map_all']:>8.4f}" in pipeline_run["stdout"]
+        assert (f"{row['method']:<10} {row['bits']:>4}  {row['direction']:<9} {row['map_50']:>8.4f} "
+                f"{row['map_all']:>8.4f} {row['distinct_codes']:>8.2f}") in pipeline_run["stdout"]

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import yaml
 
-from dudch import nets, openclipart, prepare
-from dudch.similarity import SimilarityGraph, joint_embedding
+from dudch import openclipart, prepare
+from dudch.similarity import SimilarityGraph, embedding
 from dudch.student import StudentConfig
 from dudch.student import fit as fit_student
 from dudch.teacher import TeacherConfig
@@ -40,8 +40,8 @@ def train_codes(features):
     database, train = features["database"], features["train"]
     teacher = fit_teacher(features["image"][train], features["text"][train],
                           TeacherConfig(bits=16, epochs=3, text_hidden=64))
-    graph = SimilarityGraph(joint_embedding(*nets.hash_outputs(
-        teacher, features["image"][database], features["text"][database])), "mutual_knn", 10)
+    z, teacher_codes = embedding("hash", features["image"][database], features["text"][database], teacher)
+    graph = SimilarityGraph(z, "graded", 10, teacher_codes=teacher_codes)
     student, codes = fit_student(features["image"][database], features["text"][database],
                                  np.searchsorted(database, train), graph,
                                  StudentConfig(bits=16, outer_iterations=2, inner_epochs=1,

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -15,6 +16,7 @@ import requests
 
 from dudch import nets
 from dudch.retrieval import hamming_ranking
+from pipeline.registry import GATE_METRICS, gate
 from tests.conftest import free_port, wait_for_port
 from tests.helpers import OPENCLIPART, dudch
 
@@ -37,11 +39,12 @@ def promote(pipeline_run, *args):
     return dudch("promote", *args, env=pipeline_run["env"])
 
 
-def map_all(client, run_id, bits):
+def student_scores(client, run_id, bits):
+    """{"map_50.i2t": value, ...}: the student's scores of the run's evaluation at `bits`."""
     (evaluation,) = client.search_runs(
         [client.get_run(run_id).info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`dudch.stage` = 'evaluate' and tags.`dudch.bits` = '{bits}'")
-    return {d: evaluation.data.metrics[f"student.{d}.map_all"] for d in ("i2t", "t2i")}
+    return {m: evaluation.data.metrics["student.{1}.{0}".format(*m.split("."))] for m in GATE_METRICS}
 
 
 @pytest.fixture(scope="module")
@@ -110,24 +113,36 @@ def test_search_prints_ranked_items(pipeline_run, production):
     assert missing.returncode == 2 and "image /nonexistent.png not found" in missing.stderr
 
 
-def test_the_gate_refuses_a_worse_model_records_why_and_keeps_the_alias(pipeline_run, production):
+def test_the_gate_compares_at_one_length_registers_nothing_it_refuses_and_records_both_metrics(pipeline_run, production):
     client = pipeline_run["client"]
-    scores = {b: map_all(client, pipeline_run["run_id"], b) for b in (16, 32)}
-    better, worse = sorted((16, 32), key=lambda b: -scores[b]["i2t"])
+    scores = {b: student_scores(client, pipeline_run["run_id"], b) for b in (16, 32)}
     name = "gate-test"
-    assert promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", str(better), "--name", name).returncode == 0
-    refused = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", str(worse), "--name", name)
+    assert promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "32", "--name", name).returncode == 0
+    refused = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "16", "--name", name)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "registered but not given @production" in refused.stderr and "--force" in refused.stderr
-    assert str(client.get_model_version_by_alias(name, "production").version) == "1"
-    version = client.get_model_version(name, "2")
-    assert version.tags["dudch.decision"].startswith("refused: mAP@all below version 1's in ")
-    assert float(version.tags["dudch.map_all.i2t"]) == pytest.approx(scores[worse]["i2t"])
-    assert float(version.tags["dudch.holder_map_all.i2t"]) == pytest.approx(scores[better]["i2t"])
-    forced = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", str(worse), "--name", name, "--force")
+    assert "holds the alias at 32 bits, this is 16 bits" in refused.stderr and "--force" in refused.stderr
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    forced = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "16", "--name", name, "--force")
     assert forced.returncode == 0 and "forced:" in forced.stdout
-    assert str(client.get_model_version_by_alias(name, "production").version) == "3"
-    assert client.get_model_version(name, "3").tags["dudch.decision"].startswith("forced:")
+    version = client.get_model_version_by_alias(name, "production")
+    assert str(version.version) == "2" and version.tags["dudch.bits"] == "16"
+    for metric in GATE_METRICS:
+        assert float(version.tags[f"dudch.{metric}"]) == pytest.approx(scores[16][metric])
+        assert float(version.tags[f"dudch.holder_{metric}"]) == pytest.approx(scores[32][metric])
+    again = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "16", "--name", name)
+    assert again.returncode == 0 and "promoted: mAP@50 and mAP@all at least version 2's" in again.stdout
+
+
+def test_the_gate_refuses_a_loss_on_any_metric_or_direction():
+    holder = SimpleNamespace(version="4", tags={"dudch.bits": "64", **{f"dudch.{m}": "0.5" for m in GATE_METRICS}})
+    equal = {m: 0.5 for m in GATE_METRICS}
+    assert gate(equal, 64, holder)[0].startswith("promoted: mAP@50 and mAP@all at least version 4's")
+    assert gate(dict(equal, **{"map_all.i2t": 0.9}), 64, holder)[0].startswith("promoted")
+    decision, held = gate(dict(equal, **{"map_50.t2i": 0.49, "map_all.i2t": 0.9}), 64, holder)
+    assert decision.startswith("refused: below version 4 on map_50.t2i (") and held == equal
+    assert gate(equal, 32, holder)[0].startswith("refused: version 4 holds the alias at 64 bits")
+    assert gate(dict(equal, **{"map_50.i2t": None}), 64, holder)[0].startswith("refused: the run has no mAP")
+    assert gate(equal, 64, None)[0] == "promoted: no model held the alias"
 
 
 def test_promote_refuses_a_stage_run(pipeline_run):
@@ -176,11 +191,14 @@ def test_compare_tabulates_runs_and_their_differences(pipeline_run):
     table = dudch("compare", "--last", "2", env=pipeline_run["env"])
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0] == "student mAP@all" and lines[1].split()[2:] == ["16b", "i2t", "16b", "t2i", "32b", "i2t", "32b", "t2i"]
-    assert lines[3].startswith(pipeline_run["run_id"][:8])
+    assert lines[0] == "student mAP@50" and lines[1].split()[3:] == ["16b", "i2t", "16b", "t2i", "32b", "i2t", "32b", "t2i"]
+    assert lines[3].startswith(pipeline_run["run_id"][:8]) and lines[3].split()[3] == "FINISHED"
     assert lines[2].split()[-2:] == ["-", "-"]  # the newer run trained 16 bits only
+    assert lines[5] == "student mAP@all" and lines[7].startswith(pipeline_run["run_id"][:8])
     assert "  max_items: 300 | 600" in lines and "  teacher_epochs: 2 | 3" in lines
     comparison = json.loads(dudch("compare", "--last", "2", "--json", env=pipeline_run["env"]).stdout)
     assert comparison["differing"]["bits"] == ["[16]", "[16, 32]"]
-    old = {(r["bits"], r["direction"]): r["map_all"] for r in comparison["runs"][1]["results"] if r["method"] == "student"}
-    assert float(lines[3].split()[3]) == pytest.approx(old[(16, "i2t")], abs=1e-4)
+    old = {(r["bits"], r["direction"], m): r[m] for r in comparison["runs"][1]["results"] if r["method"] == "student"
+           for m in ("map_50", "map_all")}
+    assert float(lines[3].split()[4]) == pytest.approx(old[(16, "i2t", "map_50")], abs=1e-4)
+    assert float(lines[7].split()[4]) == pytest.approx(old[(16, "i2t", "map_all")], abs=1e-4)

@@ -45,9 +45,9 @@ def test_teacher_resumes_to_the_same_model(tmp_path):
 
 def test_student_resumes_to_the_same_codes(tmp_path):
     image, text = paired(120)
-    graph = SimilarityGraph(embedding("raw", image, text), "quantile", 0.2)
-    config = StudentConfig(bits=8, outer_iterations=5, inner_epochs=1, omega_size=60,
-                           batch_size=16, image_hidden=16, text_hidden=16)
+    graph = SimilarityGraph(embedding("raw", image, text)[0], "quantile", 0.2)
+    config = StudentConfig(bits=8, outer_iterations=5, inner_epochs=1, omega_size=60, lr_step=2,
+                           batch_size=16, image_hidden=16, text_hidden=16, init="zeros")
     _, uninterrupted = fit_student(image, text, np.arange(80), graph, config)
     checkpoint = tmp_path / "student.ckpt"
     with pytest.raises(Preempted):

@@ -1,47 +1,81 @@
 import numpy as np
 import pytest
 
+from dudch import DudchError
+
 from dudch.similarity import SimilarityGraph, joint_embedding
-from dudch.student import StudentConfig, dcc_sweep, fit, objective
+from dudch.student import StudentConfig, balance, dcc_sweep, fit, initial_codes, objective
 
 
-def dcc_problem(seed, n=60, m=20, k=8, gamma=3.0):
+def dcc_problem(seed, n=60, m=20, k=8, gamma=3.0, max_level=1, soft_constraint=False):
+    """A random symmetric affinity (levels 0..max_level, mostly 0), Omega, outputs and codes."""
     rng = np.random.default_rng(seed)
-    half = np.where(rng.random((n, n)) < 0.3, 1, -1)
-    s_full = np.triu(half) + np.triu(half, 1).T
+    half = np.minimum(rng.geometric(0.7, (n, n)) - 1, max_level)
+    levels = np.triu(half) + np.triu(half, 1).T
     omega = np.sort(rng.choice(n, m, replace=False))
     u, v = np.tanh(rng.standard_normal((m, k))), np.tanh(rng.standard_normal((m, k)))
     codes = np.where(rng.random((n, k)) < 0.5, -1, 1).astype(np.int8)
-    return codes, u, v, s_full[omega].astype(np.int8), omega, gamma
+    s = levels[omega].astype(np.int8)
+    return codes, u, v, s, omega, gamma, balance(s, max_level, soft_constraint)
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_each_dcc_sweep_does_not_increase_the_objective_and_keeps_codes_binary(seed):
-    codes, u, v, s, omega, gamma = dcc_problem(seed)
-    before = objective(u, v, codes, s, omega, gamma)
+@pytest.mark.parametrize("max_level,soft_constraint", [(1, False), (1, True), (2, True)])
+def test_each_dcc_sweep_does_not_increase_the_objective_and_keeps_codes_binary(seed, max_level, soft_constraint):
+    codes, u, v, s, omega, gamma, (scale, offset) = dcc_problem(seed, max_level=max_level,
+                                                                soft_constraint=soft_constraint)
+    before = objective(u, v, codes, s, omega, gamma, scale, offset)
     for _ in range(3):
-        codes = dcc_sweep(codes, u, v, s, omega, gamma)
-        after = objective(u, v, codes, s, omega, gamma)
+        codes = dcc_sweep(codes, u, v, s, omega, gamma, scale, offset)
+        after = objective(u, v, codes, s, omega, gamma, scale, offset)
         assert after <= before + 1e-9
         assert codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 1}
         before = after
 
 
-def test_the_last_column_updated_is_an_exact_minimiser():
-    codes, u, v, s, omega, gamma = dcc_problem(42)
-    codes = dcc_sweep(codes, u, v, s, omega, gamma)
-    best = objective(u, v, codes, s, omega, gamma)
+@pytest.mark.parametrize("max_level,soft_constraint", [(1, False), (2, True)])
+def test_the_last_column_updated_is_an_exact_minimiser(max_level, soft_constraint):
+    codes, u, v, s, omega, gamma, (scale, offset) = dcc_problem(42, max_level=max_level,
+                                                                soft_constraint=soft_constraint)
+    codes = dcc_sweep(codes, u, v, s, omega, gamma, scale, offset)
+    best = objective(u, v, codes, s, omega, gamma, scale, offset)
     for row in range(len(codes)):  # J is linear in column k-1 given the rest: no single flip helps
         flipped = codes.copy()
         flipped[row, -1] *= -1
-        assert objective(u, v, flipped, s, omega, gamma) >= best - 1e-9
+        assert objective(u, v, flipped, s, omega, gamma, scale, offset) >= best - 1e-9
+
+
+def test_dcc_from_zero_codes_decides_every_bit():
+    codes, u, v, s, omega, gamma, (scale, offset) = dcc_problem(3, soft_constraint=True)
+    codes = dcc_sweep(np.zeros_like(codes), u, v, s, omega, gamma, scale, offset)
+    assert set(np.unique(codes)) <= {-1, 1}
+
+
+def test_soft_constraint_balances_similar_and_dissimilar_mass():
+    levels = np.array([[2, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=np.int8)  # affinity 1, 1/2, 0
+    scale, offset = balance(levels, 2)
+    s = scale * levels + offset
+    assert s.max() == pytest.approx(1.0) and abs(s.sum()) < 1e-12  # similar +1, total mass 0
+    assert balance(levels, 2, soft_constraint=False) == (1.0, -1.0)  # affinity 0..1 -> -1..+1
+
+
+def test_initial_codes():
+    rng = np.random.default_rng(0)
+    teacher = np.where(rng.random((5, 4)) < 0.5, -1, 1).astype(np.int8)
+    np.testing.assert_array_equal(initial_codes("teacher", 5, 4, rng, teacher), teacher)
+    assert not initial_codes("zeros", 5, 4, rng).any()
+    assert set(np.unique(initial_codes("random", 5, 4, rng))) == {-1, 1}
+    for init, codes in (("teacher", None), ("teacher", teacher[:, :2]), ("best", None)):
+        with pytest.raises(DudchError):
+            initial_codes(init, 5, 4, rng, codes)
 
 
 def small_database(seed=0, n=80):
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((n, 12)).astype(np.float32)
     text = (rng.random((n, 9)) < 0.3).astype(np.float32)
-    graph = SimilarityGraph(joint_embedding(image[:, :8], image[:, 4:]), "union_knn", 8)
+    z = joint_embedding(image[:, :8], image[:, 4:])
+    graph = SimilarityGraph(z, "graded", 8, teacher_codes=np.where(z >= 0, 1, -1).astype(np.int8))
     return image, text, graph
 
 
