@@ -74,8 +74,10 @@ def stages_child(workdir):
     started = time.perf_counter()
     image, text = np.load(workdir / "image.npy"), np.load(workdir / "text.npy")
     teacher, _ = load(workdir / "teacher.pt")
-    z = similarity.embedding("hash", image, text, teacher)
-    graph = similarity.SimilarityGraph(z, similarity.DEFAULT_RULE, similarity.SIMILAR_FRACTION)
+    z, teacher_codes = similarity.embedding("hash", image, text, teacher)
+    rule = similarity.DEFAULT_RULE
+    graph = similarity.SimilarityGraph(z, rule, similarity.default_parameter(rule, len(z)),
+                                       similarity.RELATED_FRACTION, teacher_codes)
     similarity_s = time.perf_counter() - started
     config = StudentConfig(bits=BITS, outer_iterations=2, inner_epochs=1)
     started = time.perf_counter()

@@ -17,14 +17,24 @@ def stage_run(parent_run_id, stage, bits=None, params=None):
     the stage's wall time on exit. Yields the active run."""
     parent = mlflow.MlflowClient().get_run(parent_run_id)
     name = f"{stage}-{bits}bits" if bits else stage
-    tags = {STAGE_TAG: stage, **({BITS_TAG: str(bits)} if bits else {})}
+    tags = {STAGE_TAG: stage, **({BITS_TAG: str(bits)} if bits else {}),
+            **{k: v for k, v in parent.data.tags.items() if k == "mlflow.source.git.commit"}}
     with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name,
                           parent_run_id=parent_run_id, tags=tags) as run:
+        print(f"MLflow run of this task: {run_link(run)}", flush=True)
         if params:
             mlflow.log_params(params)
         started = time.perf_counter()
         yield run
         mlflow.log_metric("stage_wall_time_s", time.perf_counter() - started)
+
+
+def run_link(run):
+    """The run's page in the MLflow UI when the store is a server, else its id and store."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"{run.info.run_id} in {uri}"
 
 
 def log_torch_model(nets, name):
@@ -52,3 +62,12 @@ def dataset_source(uri):
             return resolve_dataset_source(str(uri))
         except MlflowException:
             return HTTPDatasetSource(str(uri))
+
+
+def markdown_table(rows):
+    """Results rows as a Markdown table."""
+    lines = ["| method | bits | direction | mAP@50 | mAP@all | distinct codes |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        distinct = f"{r['distinct_codes']:.2f}" if r.get("distinct_codes") is not None else "-"
+        lines.append(f"| {r['method']} | {r['bits']} | {r['direction']} | {r['map_50']:.4f} | {r['map_all']:.4f} | {distinct} |")
+    return "\n".join(lines)

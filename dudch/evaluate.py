@@ -133,6 +133,27 @@ def _pyplot():
     return plt
 
 
+def plot_map_vs_bits(rows, title=""):
+    """One matplotlib figure: mAP@50 and mAP@all against code length, a line per method and
+    direction. rows: score rows as `score` returns them (any methods and bit lengths)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lines = sorted({(r["method"], r["direction"]) for r in rows})
+    for ax, (metric, name) in zip(axes, (("map_50", "mAP@50"), ("map_all", "mAP@all"))):
+        for method, direction in lines:
+            points = sorted((r["bits"], r[metric]) for r in rows if (r["method"], r["direction"]) == (method, direction))
+            ax.plot(*zip(*points), marker="o", linestyle="-" if direction == "i2t" else "--",
+                    label=f"{method} {direction.upper().replace('2', ' -> ')}")
+        bits = sorted({r["bits"] for r in rows})
+        ax.set(title=f"{name} {title}".strip(), xlabel="bits", ylabel=name, xscale="log", xticks=bits)
+        ax.set_xticklabels([str(b) for b in bits])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_losses(history, title):
     """One matplotlib figure, a panel per curve: history is {name: [value per epoch/iteration]}."""
     plt = _pyplot()

@@ -51,7 +51,7 @@ class HammingIndex:
         if method not in ("exact", "hnsw"):
             raise DudchError(f"unknown index {method!r}: exact or hnsw")
         width = packed.shape[1] * 8
-        self.method, self.bits, self.size = method, bits, len(packed)
+        self.method, self.bits, self.size, self.packed = method, bits, len(packed), packed
         self.index = faiss.IndexBinaryFlat(width) if method == "exact" else faiss.IndexBinaryHNSW(width, 32)
         self.index.add(np.ascontiguousarray(packed, dtype=np.uint8))
 
@@ -70,6 +70,11 @@ class HammingIndex:
             order = np.lexsort((r, d))[:k]
             out_d[i], out_r[i] = d[order], r[order]
         return out_d, out_r
+
+    def count_at(self, packed_query, distance):
+        """How many database items are at exactly `distance` from one packed query code."""
+        differing = np.unpackbits(self.packed ^ np.asarray(packed_query, dtype=np.uint8), axis=1).sum(axis=1)
+        return int((differing == distance).sum())
 
 
 class Retriever:
@@ -98,6 +103,39 @@ class Retriever:
     def search(self, codes, k=10):
         """(Hamming distances, database rows) of the k nearest to each query code, nearest first."""
         return self.index.search(pack(codes), k)
+
+    def unknown_words(self, text):
+        """The words of a text query that the model's bag-of-words vocabulary lacks (they are
+        ignored when encoding it); empty for other text encoders."""
+        from dudch.features import tokenize
+
+        spec = self.encoders["text"]
+        if spec["kind"] != "bow":
+            return []
+        known = set(spec["vocabulary"])
+        return [w for w in tokenize(text) if w not in known]
+
+    def warnings(self, code, distances, text=None):
+        """What a person should know about one query's results, in words: query words the model
+        does not know (for a text), and items that tie with the last one shown (their order is
+        only the database's). code: int8 (bits,); distances: the results' Hamming distances."""
+        notes = []
+        if text is not None and self.encoders["text"]["kind"] == "bow":
+            from dudch.features import tokenize
+
+            unknown, size = self.unknown_words(text), len(self.encoders["text"]["vocabulary"])
+            if len(unknown) == len(tokenize(text)):
+                notes.append(f"no query word is in the model's vocabulary of {size} words, so the "
+                             f"ranking is arbitrary")
+            elif unknown:
+                notes.append(f"not in the model's vocabulary of {size} words, ignored: {', '.join(unknown)}")
+        if len(distances):
+            cut = int(distances[-1])
+            tied, shown = self.index.count_at(pack(code[None])[0], cut), int((np.asarray(distances) == cut).sum())
+            if tied > shown:
+                notes.append(f"{tied} items tie at distance {cut}, the cut-off; the {shown} shown come "
+                             f"first in database order, not by relevance")
+        return "; ".join(notes)
 
     def _text_features(self, texts):
         from dudch.features import bag_of_words_for, minilm_embeddings

@@ -195,6 +195,13 @@ def parameter_descriptions():
     return dict(re.findall(r"^\s+(\w+): (.+)$", args, flags=re.MULTILINE))
 
 
+def _with_defaults(params):
+    """`params` completed with the default of every pipeline parameter it does not set."""
+    defaults = {name: p.default for name, p in _pipeline_parameters().items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **params}
+
+
 def _params(args):
     described = parameter_descriptions()
     for name, p in _pipeline_parameters().items():
@@ -223,8 +230,10 @@ def _run(args):
     params = dict(bits=args.bits, max_items=args.max_items, seed=args.seed, **_parse_params(args.param))
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
     experiment_id = tracking.connect(root)
-    run_id = tracking.start_parent_run(root, experiment_id, params, dataset, pin, data_uri)
+    run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
     print(f"MLflow parent run {run_id} in {tracking.tracking_uri(root)}", flush=True)
+
+    import builtins
 
     import kfp.local
 
@@ -238,7 +247,7 @@ def _run(args):
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(root / ".dudch" / "kfp"))
-    started, succeeded = time.perf_counter(), False
+    started, succeeded, plain_print = time.perf_counter(), False, builtins.print
     try:
         dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
                        mlflow_parent_run_id=run_id, **params)
@@ -247,6 +256,9 @@ def _run(args):
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0][:200]
         raise DudchError(f"the pipeline failed ({reason}); the failing task's log is above") from None
     finally:
+        # kfp 2.17's parallel tasks can leave builtins.print swapped for its indenting one,
+        # which indents what follows and breaks importing numba (for the summary).
+        builtins.print = plain_print
         tracking.finish_parent_run(run_id, succeeded)
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Results (query set, "
           f"mAP@50 and mAP@all; distinct: distinct database codes / database size):\n")
@@ -305,7 +317,7 @@ def _submit(args):
         dataset, pin, data_uri = _resolve_dataset(root, params["dataset"], params, on_this_machine=False)
         run_params = {k: v for k, v in params.items() if k not in RUN_INPUTS}
         params["mlflow_parent_run_id"] = tracking.start_parent_run(
-            root, tracking.connect(root), run_params, dataset, pin, data_uri)
+            root, tracking.connect(root), _with_defaults(run_params), dataset, pin, data_uri)
 
     import kfp
 
@@ -360,9 +372,12 @@ def _search(args):
     from pipeline import registry, tracking
 
     tracking.connect(Path.cwd())
+    rows, warning = registry.search(args.model, args.text, args.image, args.top)
     print(f"{'rank':>4}  {'id':<42} {'hamming':>7}  text")
-    for row in registry.search(args.model, args.text, args.image, args.top):
+    for row in rows:
         print(f"{row['rank']:>4}  {row['id']:<42} {row['distance']:>7}  {row['text']}")
+    if warning:
+        print(f"note: {warning}", file=sys.stderr)
 
 
 def _compare(args):

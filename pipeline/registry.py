@@ -34,7 +34,8 @@ def _signature():
                      column(Array(DataType.double), "text_features"),
                      column(Array(DataType.double), "image_features")])
     outputs = Schema([ColSpec(DataType.string, "code"), column(Array(DataType.string), "ids"),
-                      column(Array(DataType.long), "distances"), column(Array(DataType.string), "texts")])
+                      column(Array(DataType.long), "distances"), column(Array(DataType.string), "texts"),
+                      column(DataType.string, "warning")])
     return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", DataType.long, 0)]))
 
 
@@ -184,7 +185,8 @@ def _requirements():
 
 
 def search(model_uri, text=None, image=None, top=10):
-    """Rows (rank, id, distance, text) of the `top` database items nearest a text or an image."""
+    """(rows (rank, id, distance, text) of the `top` database items nearest a text or an image,
+    the model's warning about them: unknown query words, ties at the cut-off; '' if none)."""
     import mlflow
 
     if (text is None) == (image is None):
@@ -199,8 +201,9 @@ def search(model_uri, text=None, image=None, top=10):
         (found,) = model.predict(pd.DataFrame(query), params={"top_k": top}).itertuples()
     except mlflow.exceptions.MlflowException as error:
         raise DudchError(f"{model_uri} refused the query ({first_line(error)})") from None
-    return [dict(rank=r + 1, id=i, distance=d, text=t)
+    rows = [dict(rank=r + 1, id=i, distance=d, text=t)
             for r, (i, d, t) in enumerate(zip(found.ids, found.distances, found.texts))]
+    return rows, getattr(found, "warning", "")
 
 
 def compare(experiment_id, last=5):

@@ -47,6 +47,10 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
             out["ids"] = [self.retriever.item_id[r].tolist() for r in rows]
             out["distances"] = [d.astype(int).tolist() for d in distances]
             out["texts"] = [self.retriever.text[r].tolist() for r in rows]
+        else:
+            distances = [[]] * len(codes)
+        texts = values if column == "text" else [None] * len(codes)
+        out["warning"] = [self.retriever.warnings(c, d, t) for c, d, t in zip(codes, distances, texts)]
         return out
 
 

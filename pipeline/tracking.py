@@ -56,11 +56,20 @@ def git_commit(root):
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def run_name(dataset, bits):
+    """A readable, distinct name: dataset, code lengths and start time, e.g.
+    'openclipart 16-32-64-128b 11-27 07:41:05'."""
+    import time
+
+    return f"{dataset.split(':')[0]} {'-'.join(map(str, bits))}b {time.strftime('%m-%d %H:%M:%S')}"
+
+
 def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
-    """Create the pipeline's parent run (left open for the stages' child runs), tagged with the
-    data's DVC pin (`pipeline.data.pin`; md5 "untracked" when no .dvc file tracks it) and the
-    git commit of the project at `root`, with the data logged as the run's input dataset
-    (`data_uri`: where it was read). Returns the run id."""
+    """Create the pipeline's parent run (left open for the stages' child runs), with every
+    pipeline parameter (`params`, defaults included), tagged with the data's DVC pin
+    (`pipeline.data.pin`; md5 "untracked" when no .dvc file tracks it) and the git commit of the
+    project at `root`, with the data logged as the run's input dataset (`data_uri`: where it was
+    read). Returns the run id."""
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -69,7 +78,7 @@ def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
 
     version = pin["md5"] or "untracked"
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=f"pipeline-{dataset.split(':')[0]}", tags={
+    run = client.create_run(experiment_id, run_name=run_name(dataset, params["bits"]), tags={
         KIND_TAG: "pipeline", "dudch.dataset": dataset, "dudch.data_version": version,
         "dudch.data_dvc_file": str(pin["dvc_file"]), "dudch.data_rev": str(pin["rev"]),
         "mlflow.source.git.commit": git_commit(root), "mlflow.source.name": "dudch run"})
@@ -81,9 +90,49 @@ def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
 
 
 def finish_parent_run(run_id, succeeded):
+    """End the parent run as FINISHED or FAILED; a finished run first gets its summary (and
+    is FAILED, never left RUNNING, if that breaks)."""
     import mlflow
 
-    mlflow.MlflowClient().set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+    status = "FAILED"
+    try:
+        if succeeded:
+            log_summary(run_id)
+            status = "FINISHED"
+    finally:
+        mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def log_summary(run_id):
+    """Make the parent run the row to compare in the MLflow UI: per method, direction, metric
+    and bit length a metric `student.i2t.map_50.64b`; the same as a series over bits
+    (`student.i2t.map_50` at step = bits, which the UI's charts draw against code length); the
+    results table (`results_table.json`), `plots/map_vs_bits.png`, and the table as the run's
+    description."""
+    import time
+
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    from components.tracking import markdown_table
+    from dudch.evaluate import plot_map_vs_bits
+
+    rows = report(None, run_id)["results"]
+    if not rows:
+        return
+    client, now = mlflow.MlflowClient(), int(time.time() * 1000)
+    metrics = []
+    for r in rows:
+        for name in ("map_50", "map_all"):
+            key = f"{r['method']}.{r['direction']}.{name}"
+            metrics += [Metric(f"{key}.{r['bits']}b", r[name], now, 0), Metric(key, r[name], now, r["bits"])]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    mlflow.log_table(pd.DataFrame(rows), "results_table.json", run_id=run_id)
+    client.log_figure(run_id, plot_map_vs_bits(rows), "plots/map_vs_bits.png")
+    client.set_tag(run_id, "mlflow.note.content", "Results on the query set (mAP@50 is DJSRH's "
+                   "calculate_top_map):\n\n" + markdown_table(rows))
 
 
 def latest_pipeline_run_id(experiment_id):
@@ -100,10 +149,18 @@ def latest_pipeline_run_id(experiment_id):
 def report(experiment_id, run_id=None):
     """The results of one pipeline run (default: the latest), as the `report --json` object."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     run_id = run_id or latest_pipeline_run_id(experiment_id)
-    parent = client.get_run(run_id)
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        raise DudchError(f"no run {run_id} in the MLflow store {mlflow.get_tracking_uri()}; "
+                         f"`dudch compare` lists the pipeline runs") from None
+    if parent.data.tags.get(KIND_TAG) != "pipeline":
+        raise DudchError(f"run {run_id} is not a pipeline run (a stage's child run?); pass the "
+                         f"parent run id that `dudch run` printed (`dudch compare` lists them)")
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`dudch.stage` = 'evaluate'")

@@ -23,6 +23,44 @@ def test_parent_run_has_params_data_version_and_commit(parent):
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
 
 
+def test_parent_run_is_the_row_to_compare(pipeline_run, parent):
+    """Every pipeline parameter (defaults too), a readable name, summary metrics per bit length
+    and as a series over bits, the results table, a plot and the results as description."""
+    client = pipeline_run["client"]
+    declared = [line.split()[0] for line in dudch("params").stdout.splitlines()]
+    assert set(parent.data.params) == set(declared) | {"dataset", "data_version"}
+    assert parent.data.params["gamma"] == "200.0" and parent.data.params["similarity_rule"] == "graded"
+    assert parent.info.run_name.startswith("openclipart 16-32b ")
+    (evaluation,) = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = "
+                                       f"'{parent.info.run_id}' and tags.`dudch.stage` = 'evaluate' and tags.`dudch.bits` = '32'")
+    for method in ("teacher", "student"):
+        for key in (f"{method}.{d}.{m}" for d in ("i2t", "t2i") for m in ("map_50", "map_all")):
+            assert parent.data.metrics[f"{key}.32b"] == pytest.approx(evaluation.data.metrics[key])
+            assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, key)) == list(BITS)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"results_table.json", "plots/map_vs_bits.png"} <= artifacts
+    assert "| student | 32 | i2t |" in parent.data.tags["mlflow.note.content"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["mlflow.source.git.commit"] for c in children} == {parent.data.tags["mlflow.source.git.commit"]}
+
+
+def test_kfp_ui_gets_a_markdown_report_per_bit_length(pipeline_run):
+    reports = sorted(pipeline_run["kfp_dir"].glob("for-loop-1-iteration-*/evaluate/report"))
+    assert len(reports) == len(BITS)
+    for path in reports:
+        text = path.read_text()
+        assert "MLflow run: " in text and "| student |" in text and text.count("data:image/png;base64,") == 2
+
+
+def test_report_on_a_child_or_unknown_run_says_so_in_one_line(pipeline_run, parent):
+    client = pipeline_run["client"]
+    child = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")[0]
+    for run_id, expected in ((child.info.run_id, "is not a pipeline run"), ("0123456789abcdef", "no run 0123456789abcdef")):
+        done = dudch("report", "--run-id", run_id, env=pipeline_run["env"])
+        assert done.returncode == 2 and expected in done.stderr and done.stderr.count("\n") == 1
+
+
 def test_child_runs_per_stage_and_bit_length(pipeline_run, parent):
     client = pipeline_run["client"]
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")

@@ -42,20 +42,65 @@ def tracking_server(s3_endpoint, tmp_path_factory):
         server.wait(timeout=30)
 
 
-def test_pipeline_promote_and_load_through_a_server_with_s3_artifacts(tracking_server):
+@pytest.fixture(scope="module")
+def server_runs(tracking_server):
+    """Two small pipeline runs logged to the server, differing in student_outer_iterations:
+    [(parent run id, KFP output folder)] in run order."""
     env = {"MLFLOW_TRACKING_URI": tracking_server["url"]}
-    _, run_id, kfp_dir = run_pipeline("--max-items", "200", "--bits", "16", "--param", "teacher_epochs=2",
-                                      "--param", "student_outer_iterations=2", "--param", "min_word_count=2",
-                                      "--param", "min_label_size=5", env=env)
-    promoted = dudch("promote", "--run", run_id, env=env)
+    runs = []
+    for iterations in (2, 4):
+        _, run_id, kfp_dir = run_pipeline("--max-items", "200", "--bits", "16", "32", "--param", "teacher_epochs=2",
+                                          "--param", f"student_outer_iterations={iterations}",
+                                          "--param", "min_word_count=2", "--param", "min_label_size=5", env=env)
+        runs.append((run_id, kfp_dir))
+    return runs
+
+
+def test_the_ui_api_sorts_pipeline_runs_by_a_summary_metric_with_every_parameter(tracking_server, server_runs):
+    """What the MLflow UI's runs table does: runs/search over the parent runs, ordered by a
+    summary metric; each row has the metrics (per bit length and as a series over bits) and
+    every pipeline parameter, defaults included."""
+    api = f"{tracking_server['url']}/api/2.0/mlflow"
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "dudch"}, timeout=30).json()
+    found = requests.post(f"{api}/runs/search", timeout=30, json={
+        "experiment_ids": [experiment["experiment"]["experiment_id"]],
+        "filter": "tags.`dudch.kind` = 'pipeline'", "order_by": ["metrics.`student.i2t.map_50.32b` DESC"]}).json()["runs"]
+    assert sorted(r["info"]["run_id"] for r in found) == sorted(run_id for run_id, _ in server_runs)
+    metrics = [{m["key"]: m["value"] for m in r["data"]["metrics"]} for r in found]
+    assert metrics[0]["student.i2t.map_50.32b"] >= metrics[1]["student.i2t.map_50.32b"]
+    for values in metrics:
+        for method in ("teacher", "student"):
+            for key in (f"{method}.{d}.{m}.{b}b" for d in ("i2t", "t2i") for m in ("map_50", "map_all") for b in (16, 32)):
+                assert 0 <= values[key] <= 1
+    params = [{p["key"]: p["value"] for p in r["data"]["params"]} for r in found]
+    shown = dudch("params").stdout.split()
+    assert all(name in shown for p in params for name in p if name not in ("dataset", "data_version"))
+    assert len(params[0]) == len(params[1]) >= 35 and params[0]["teacher_epochs"] == "2" and params[0]["gamma"] == "200.0"
+    assert {p["student_outer_iterations"] for p in params} == {"2", "4"}
+    assert all(r["info"]["run_name"].startswith("openclipart 16-32b ") for r in found)
+    run_id = server_runs[0][0]
+    history = requests.get(f"{api}/metrics/get-history", timeout=30,
+                           params={"run_id": run_id, "metric_key": "student.t2i.map_all"}).json()["metrics"]
+    assert sorted(m["step"] for m in history) == [16, 32]  # the UI's chart of mAP against bits
+    run = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=30).json()["run"]
+    assert "| student | 32 | t2i |" in {t["key"]: t["value"] for t in run["data"]["tags"]}["mlflow.note.content"]
+    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "plots"}, timeout=30).json()
+    assert "plots/map_vs_bits.png" in {f["path"] for f in artifacts["files"]}
+
+
+def test_pipeline_promote_and_load_through_a_server_with_s3_artifacts(tracking_server, server_runs):
+    env = {"MLFLOW_TRACKING_URI": tracking_server["url"]}
+    run_id, kfp_dir = server_runs[0]
+    promoted = dudch("promote", "--run", run_id, "--bits", "16", env=env)
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     # The gate reads the holder's scores back from the server: equal scores pass.
-    again = dudch("promote", "--run", run_id, env=env)
+    again = dudch("promote", "--run", run_id, "--bits", "16", env=env)
     assert again.returncode == 0 and "at least version 1's in both directions" in again.stdout, again.stderr
     found = dudch("search", "--text", "bird", "--top", "3", env=env)
     assert found.returncode == 0 and len(found.stdout.strip().splitlines()) == 4, found.stderr
-    compared = dudch("compare", "--last", "1", env=env)
-    assert compared.returncode == 0 and compared.stdout.splitlines()[2].startswith(run_id[:8]), compared.stderr
+    compared = dudch("compare", "--last", "2", env=env)
+    assert compared.returncode == 0 and compared.stdout.splitlines()[3].startswith(run_id[:8]), compared.stderr
+    assert "  student_outer_iterations: 4 | 2" in compared.stdout.splitlines()
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_server["url"])

@@ -113,6 +113,13 @@ def test_search_prints_ranked_items(pipeline_run, production):
     assert missing.returncode == 2 and "image /nonexistent.png not found" in missing.stderr
 
 
+def test_search_says_which_words_it_does_not_know(pipeline_run, production):
+    done = dudch("search", "--text", "zzzunknownword", "--top", "3", env=pipeline_run["env"])
+    assert done.returncode == 0 and done.stderr.startswith("note: no query word is in the model's vocabulary")
+    expected = production.predict(pd.DataFrame({"text": ["zzzunknownword"]}), params={"top_k": 3})
+    assert expected["warning"][0] == done.stderr.removeprefix("note: ").strip()
+
+
 def test_the_gate_compares_at_one_length_registers_nothing_it_refuses_and_records_both_metrics(pipeline_run, production):
     client = pipeline_run["client"]
     scores = {b: student_scores(client, pipeline_run["run_id"], b) for b in (16, 32)}

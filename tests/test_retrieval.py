@@ -30,3 +30,26 @@ def test_hnsw_index_finds_near_neighbours():
     assert (rows[:, 0] == np.arange(20)).mean() >= 0.9 and (distances[:, 0] == 0).mean() >= 0.9
     with pytest.raises(DudchError, match="unknown index"):
         HammingIndex(pack(database), 64, method="lsh")
+
+
+def test_count_at_counts_every_item_at_a_distance():
+    database, query = codes(500, 16, 4), codes(1, 16, 5)
+    index = HammingIndex(pack(database), 16)
+    distances = hamming_ranking(query, database, 500)[0][0]
+    for d in range(17):
+        assert index.count_at(pack(query)[0], d) == (distances == d).sum()
+
+
+def test_warnings_name_unknown_words_and_ties_at_the_cut_off():
+    from dudch.retrieval import Retriever
+
+    database = np.repeat(codes(3, 8, 6), 10, axis=0)  # 30 items, 10 of each code: big ties
+    retriever = Retriever(None, {"text": {"kind": "bow", "vocabulary": ["cat", "dog"]}}, pack(database), 8,
+                          np.arange(30).astype(str), ["t"] * 30)
+    query = database[0]
+    distances, _ = retriever.search(query[None], 4)
+    note = retriever.warnings(query, distances[0], "cat owl night")
+    assert note == ("not in the model's vocabulary of 2 words, ignored: owl, night; 10 items tie at "
+                    "distance 0, the cut-off; the 4 shown come first in database order, not by relevance")
+    assert retriever.warnings(query, [], "owl").startswith("no query word is in the model's vocabulary")
+    assert retriever.warnings(query, distances[0][:0], "cat dog") == ""
