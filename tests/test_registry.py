@@ -128,7 +128,7 @@ def test_the_gate_compares_at_one_length_registers_nothing_it_refuses_and_record
     refused = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "16", "--name", name)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "holds the alias at 32 bits, this is 16 bits" in refused.stderr and "--force" in refused.stderr
-    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     forced = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "16", "--name", name, "--force")
     assert forced.returncode == 0 and "forced:" in forced.stdout
     version = client.get_model_version_by_alias(name, "production")
