@@ -227,6 +227,7 @@ def main():
     os.chdir(ROOT)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     started = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rows, info = [], None
     for seed in (args.seeds[:1] if args.tune else args.seeds):
         features, labels, info = prepare.prepare(f"openclipart:{ROOT / 'data' / 'openclipart'}", ROOT / ".dudch" / "cache",
@@ -243,7 +244,7 @@ def main():
         dataset=dict(name="openclipart", items=info["items"], num_labels=info["num_labels"], split=info["split"]),
         machine=machine(),
         command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", *sys.argv[1:]]),
-        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        commit=commit,
         wall_time_s=time.time() - started, seeds=args.seeds[:1] if args.tune else args.seeds,
         ablation_seeds=args.ablation_seeds, bits=args.bits,
         hyperparameters=dict(teacher=asdict(TeacherConfig()), student=asdict(StudentConfig()),
