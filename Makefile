@@ -27,7 +27,8 @@ image: $(INSTALLED)
 	docker push $(IMAGE)
 	mkdir -p build && DUDCH_IMAGE=$(IMAGE) $(BIN)/dudch compile --output build/pipeline.yaml
 
-# On demand, not in CI (about 40 min on 2 cores): results in benchmarks/results/.
+# On demand, not in CI: results in benchmarks/results/. The tuning pass (validation split,
+# every student design) is separate: `.venv/bin/python benchmarks/quality.py --tune`.
 benchmarks: data
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/scale.py

@@ -133,8 +133,8 @@ class Retriever:
             cut = int(distances[-1])
             tied, shown = self.index.count_at(pack(code[None])[0], cut), int((np.asarray(distances) == cut).sum())
             if tied > shown:
-                notes.append(f"{tied} items tie at distance {cut}, the cut-off; the {shown} shown come "
-                             f"first in database order, not by relevance")
+                notes.append(f"{tied} items tie at the cut-off distance {cut}; the results keep {shown} "
+                             f"of them, in database order, not by relevance")
         return "; ".join(notes)
 
     def _text_features(self, texts):

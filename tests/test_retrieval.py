@@ -49,7 +49,7 @@ def test_warnings_name_unknown_words_and_ties_at_the_cut_off():
     query = database[0]
     distances, _ = retriever.search(query[None], 4)
     note = retriever.warnings(query, distances[0], "cat owl night")
-    assert note == ("not in the model's vocabulary of 2 words, ignored: owl, night; 10 items tie at "
-                    "distance 0, the cut-off; the 4 shown come first in database order, not by relevance")
+    assert note == ("not in the model's vocabulary of 2 words, ignored: owl, night; 10 items tie at the "
+                    "cut-off distance 0; the results keep 4 of them, in database order, not by relevance")
     assert retriever.warnings(query, [], "owl").startswith("no query word is in the model's vocabulary")
     assert retriever.warnings(query, distances[0][:0], "cat dog") == ""
