@@ -100,6 +100,8 @@ def main():
 
     from benchmarks.quality import machine
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     image, text, db_labels = synthetic(args.database, seed=1)
     with tempfile.TemporaryDirectory() as workdir:
         np.save(Path(workdir) / "image.npy", image)
@@ -129,7 +131,7 @@ def main():
     slow_s = time.perf_counter() - started
     result = dict(
         dataset=dict(database=args.database, queries=N_QUERY, image_dim=IMAGE_DIM, text_dim=TEXT_DIM, labels=N_LABELS, bits=BITS),
-        machine=machine(), command=".venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        machine=machine(), command=".venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:]), commit=commit,
         similarity_and_student=dict(stages, note="student run for 2 outer iterations: memory does not grow with iterations"),
         peak_memory_gb=stages["peak_rss_gb"], peak_memory_target_gb=8.0,
         evaluation=dict(map_all_dudch=float(fast), map_all_per_query_loop=float(slow), abs_difference=float(abs(fast - slow)),
