@@ -17,8 +17,9 @@ def stage_run(parent_run_id, stage, bits=None, params=None):
     the stage's wall time on exit. Yields the active run."""
     parent = mlflow.MlflowClient().get_run(parent_run_id)
     name = f"{stage}-{bits}bits" if bits else stage
+    commit = parent.data.tags.get("mlflow.source.git.commit")
     tags = {STAGE_TAG: stage, **({BITS_TAG: str(bits)} if bits else {}),
-            **{k: v for k, v in parent.data.tags.items() if k == "mlflow.source.git.commit"}}
+            **({"mlflow.source.git.commit": commit} if commit else {})}
     with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name,
                           parent_run_id=parent_run_id, tags=tags) as run:
         print(f"MLflow run of this task: {run_link(run)}", flush=True)

@@ -119,10 +119,10 @@ class Retriever:
         """What a person should know about one query's results, in words: query words the model
         does not know (for a text), and items that tie with the last one shown (their order is
         only the database's). code: int8 (bits,); distances: the results' Hamming distances."""
+        from dudch.features import tokenize
+
         notes = []
         if text is not None and self.encoders["text"]["kind"] == "bow":
-            from dudch.features import tokenize
-
             unknown, size = self.unknown_words(text), len(self.encoders["text"]["vocabulary"])
             if len(unknown) == len(tokenize(text)):
                 notes.append(f"no query word is in the model's vocabulary of {size} words, so the "
