@@ -10,37 +10,40 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
                   seed: int, mlflow_parent_run_id: str, teacher: Output[Model]):
     """DJSRH on the training subset's image/text features -> `teacher` (model.pt). With
     image_input "pixels" the image branch fine-tunes EfficientNet-Lite0 end to end (GPU)."""
-    import os
-    from dataclasses import asdict
+    from components.console import task_console
 
-    import mlflow
+    with task_console("teacher", bits) as console:
+        import os
+        from dataclasses import asdict
 
-    from components.tracking import log_torch_model, stage_run
-    from dudch import nets, prepare
-    from dudch.evaluate import plot_losses
-    from dudch.teacher import TeacherConfig, fit
+        import mlflow
 
-    config = TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
-                           mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
-                           lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
-                           image_input=image_input, seed=seed)
-    data = prepare.load_features(features.path, expect=("image", "text", "train"))
-    train = data["train"]
-    with stage_run(mlflow_parent_run_id, "teacher", bits, params=asdict(config)):
-        history = {"loss": []}
+        from components.tracking import log_torch_model, stage_run
+        from dudch import nets, prepare
+        from dudch.evaluate import plot_losses
+        from dudch.teacher import TeacherConfig, fit
 
-        def log_epoch(epoch, loss, seconds):
-            history["loss"].append(loss)
-            mlflow.log_metrics({"loss": loss, "epoch_time_s": seconds}, step=epoch)
-            print(f"teacher {bits} bits: epoch {epoch + 1}/{epochs} loss {loss:.5f} ({seconds:.2f}s)", flush=True)
+        config = TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
+                               mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
+                               lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
+                               image_input=image_input, seed=seed)
+        data = prepare.load_features(features.path, expect=("image", "text", "train"))
+        train = data["train"]
+        with stage_run(mlflow_parent_run_id, "teacher", bits, params=asdict(config)):
+            history = {"loss": []}
 
-        pixels = data["pixels"][train] if "pixels" in data else None
-        # In the task's own output: a retried (preempted) task finds it and resumes.
-        os.makedirs(teacher.path, exist_ok=True)
-        checkpoint = os.path.join(teacher.path, "checkpoint.pt")
-        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
-                      pixels=pixels, checkpoint=checkpoint)
-        nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
-        log_torch_model(trained, "teacher")
-        mlflow.log_figure(plot_losses(history, f"teacher (DJSRH), {bits} bits"), f"plots/losses_{bits}bits.png")
-        os.remove(checkpoint)
+            def log_epoch(epoch, loss, seconds):
+                history["loss"].append(loss)
+                mlflow.log_metrics({"loss": loss, "epoch_time_s": seconds}, step=epoch)
+                console.progress(epoch + 1, epochs, "epochs", f"loss {loss:.5f} ({seconds:.2f}s)")
+
+            pixels = data["pixels"][train] if "pixels" in data else None
+            # In the task's own output: a retried (preempted) task finds it and resumes.
+            os.makedirs(teacher.path, exist_ok=True)
+            checkpoint = os.path.join(teacher.path, "checkpoint.pt")
+            trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
+                          pixels=pixels, checkpoint=checkpoint)
+            nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
+            log_torch_model(trained, "teacher")
+            mlflow.log_figure(plot_losses(history, f"teacher (DJSRH), {bits} bits"), f"plots/losses_{bits}bits.png")
+            os.remove(checkpoint)

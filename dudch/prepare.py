@@ -46,7 +46,9 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
                 dataset); label_names str (L,); path, text, item_id str (n,); thumbnail uint8
                 (n, 64, 64, 3) when the dataset has images.
     Image features are cached in `cache_dir` by (the images' content, extractor settings), so
-    a rerun on the same data does not decode or encode again.
+    a rerun on the same data does not decode or encode again. `progress`: True for a progress
+    bar on stderr while images are decoded, False for none, or a function called with (images
+    done, total) after each batch.
     """
     data = sources.load(source, config.min_label_size)
     if config.max_items:
@@ -190,7 +192,7 @@ def _decode(data, config, progress, features_path, pixels_path):
     thumbnails = np.full((n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), 255, dtype=np.uint8)
     pixels = np.full((n, size, size, 3), 255, dtype=np.uint8) if pixels_path else None
     with tqdm(total=n, desc="decode + encode images" if encoder else "decode images",
-              unit="img", disable=not progress) as bar:
+              unit="img", disable=progress is not True) as bar:
         for start in range(0, n, config.batch_size):
             rows = np.arange(start, min(start + config.batch_size, n))
             images = data.images.batch(data.rows[rows], size)
@@ -208,6 +210,8 @@ def _decode(data, config, progress, features_path, pixels_path):
                 if pixels is not None:
                     pixels[ok] = batch
             bar.update(len(rows))
+            if callable(progress):
+                progress(int(rows[-1]) + 1, n)
     if encoder:
         save_npz(features_path, features=features, rendered=decoded, thumbnails=thumbnails)
     if pixels is not None:

@@ -1,6 +1,7 @@
 """`dudch`: obtain the data, run the pipeline locally, compile it, and report results."""
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -75,6 +76,8 @@ def _parser():
                      help="any other pipeline parameter, e.g. teacher_epochs=20 or "
                      "text_features=minilm; data_repo=URL data_rev=REV read the SOURCE's path "
                      "through DVC from that repository at that revision (see `dudch params`)")
+    run.add_argument("--verbose", action="store_true", help="print every task's raw output (KFP's "
+                     "executor lines, library warnings) instead of one line per task start and end")
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser("submit", help=f"upload {PIPELINE_YAML} to a Kubeflow Pipelines "
@@ -225,13 +228,22 @@ def _parse_params(pairs, with_run_inputs=False):
 
 def _run(args):
     root = Path.cwd().resolve()
+    # Locally a failed task is not retried: the mistakes a retry cannot fix are the common ones
+    # here, and the cluster's backoff would cost minutes. A user's setting wins.
     from pipeline import tracking
+    from pipeline.cluster import RETRIES_ENV
+    from pipeline.console import RUNNER_LOG, RunConsole
+
+    os.environ.setdefault(RETRIES_ENV, "0")
 
     params = dict(bits=args.bits, max_items=args.max_items, seed=args.seed, **_parse_params(args.param))
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
+    logs = root / ".dudch" / "logs" / run_id
     print(f"MLflow parent run {run_id} in {tracking.tracking_uri(root)}", flush=True)
+    if not args.verbose:
+        print(f"Logs: {logs.relative_to(root)}/ (a file per task; kfp.log: the local runner)", flush=True)
 
     import builtins
 
@@ -245,16 +257,23 @@ def _run(args):
     for variable in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(variable, threads)
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
-                   pipeline_root=str(root / ".dudch" / "kfp"))
     started, succeeded, plain_print = time.perf_counter(), False, builtins.print
+    console = RunConsole(logs)
     try:
-        dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
-                       mlflow_parent_run_id=run_id, **params)
+        with contextlib.nullcontext() if args.verbose else console:
+            kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
+                           pipeline_root=str(root / ".dudch" / "kfp"))
+            dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
+                           mlflow_parent_run_id=run_id, **params)
         succeeded = True
     except RuntimeError as error:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0][:200]
-        raise DudchError(f"the pipeline failed ({reason}); the failing task's log is above") from None
+        if args.verbose:
+            raise DudchError(f"the pipeline failed ({reason}); the failing task's output is above") from None
+        print("\n".join(console.failure_report()), flush=True)
+        failed = console.failures[0] if console.failures else None
+        raise DudchError(f"task {failed['task']} failed: {failed['error']}" if failed else
+                         f"the pipeline failed ({reason}); see {logs / RUNNER_LOG}") from None
     finally:
         # kfp 2.17's parallel tasks can leave builtins.print swapped for its indenting one,
         # which indents what follows and breaks importing numba (for the summary).

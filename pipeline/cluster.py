@@ -2,7 +2,8 @@
 credentials and endpoints come from, retries and caching. Compile-time settings from the
 environment (`DUDCH_GPU_NODE_SELECTOR=cloud.google.com/gke-accelerator=nvidia-h100 dudch
 compile`); nothing secret is ever written into pipeline.yaml, only the names of the Kubernetes
-secret and config map that hold it. A local run (`dudch run`) ignores all of this."""
+secret and config map that hold it. A local run (`dudch run`) ignores all of this but the
+retries, which it turns off."""
 
 import os
 
@@ -21,6 +22,7 @@ SECRET = os.environ.get("DUDCH_SECRET", "dudch-credentials")
 DATA_PVC = os.environ.get("DUDCH_DATA_PVC", "")
 DATA_MOUNT = "/data"
 CONFIG_MAP = os.environ.get("DUDCH_CONFIG_MAP", "dudch-config")
+RETRIES_ENV = "DUDCH_TASK_RETRIES"  # read when the pipeline is defined (on importing it)
 
 # Secret keys -> environment variables: object-store credentials (S3 or MinIO).
 SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
@@ -38,12 +40,15 @@ def with_data(task):
 
 def on_cluster(task, gpu=False, cache=False):
     """Apply the cluster settings to `task`; returns it. Every task: credentials and endpoints
-    from the secret and config map, two retries on failure (preempted or evicted pods);
+    from the secret and config map, two retries on failure (preempted or evicted pods;
+    DUDCH_TASK_RETRIES);
     `gpu`: one nvidia.com/gpu with CPU and memory requests on a GPU node; `cache`: reuse an
     earlier identical execution."""
     kubernetes.use_secret_as_env(task, SECRET, SECRET_ENV)
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_ENV)
-    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
+    retries = int(os.environ.get(RETRIES_ENV, "2"))
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2)
     task.set_caching_options(cache)
     if gpu:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)

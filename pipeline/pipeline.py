@@ -116,7 +116,7 @@ def dudch_pipeline(
                                 image_input=teacher_image_input, seed=seed,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
         on_cluster(teacher, gpu=True, cache=True)
-        similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"],
+        similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"], bits=k,
                                             source=similarity_source, rule=similarity_rule,
                                             parameter=similarity_parameter,
                                             related_fraction=similarity_related_fraction,
