@@ -11,17 +11,34 @@ STAGE_TAG = "dudch.stage"
 BITS_TAG = "dudch.bits"
 
 
+def stage_children(client, parent, stage, bits=None):
+    """The child runs of pipeline run `parent` for `stage` (and `bits`), one per bit length:
+    where an older version's retry left two, the latest finished one."""
+    query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+    if bits is not None:
+        query += f" and tags.`{BITS_TAG}` = '{bits}'"
+    runs = client.search_runs([parent.info.experiment_id], query)
+    chosen = {}
+    for run in sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time), reverse=True):
+        chosen.setdefault(run.data.tags.get(BITS_TAG), run)
+    return list(chosen.values())
+
+
 @contextlib.contextmanager
 def stage_run(parent_run_id, stage, bits=None, params=None):
-    """Start a child run of `parent_run_id` named after the stage; log `params` on entry and
-    the stage's wall time on exit. Yields the active run."""
-    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    """Start the child run of `parent_run_id` for this stage and bit length, or resume it when a
+    retried task (or a rerun) already made one, so that each stays one row; log `params` on
+    entry and the stage's wall time on exit. Yields the active run."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
     name = f"{stage}-{bits}bits" if bits else stage
     commit = parent.data.tags.get("mlflow.source.git.commit")
     tags = {STAGE_TAG: stage, **({BITS_TAG: str(bits)} if bits else {}),
             **({"mlflow.source.git.commit": commit} if commit else {})}
-    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name,
-                          parent_run_id=parent_run_id, tags=tags) as run:
+    earlier = stage_children(client, parent, stage, bits)
+    with (mlflow.start_run(run_id=earlier[0].info.run_id) if earlier else
+          mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name,
+                           parent_run_id=parent_run_id, tags=tags)) as run:
         print(f"MLflow run of this task: {run_link(run)}", flush=True)
         if params:
             mlflow.log_params(params)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.tracking import stage_children
 from dudch import DudchError, first_line
 from pipeline.tracking import KIND_TAG, report
 
@@ -43,13 +44,6 @@ def _signature():
 SIGNATURE = _signature()
 
 
-def _children(client, parent, stage, bits=None):
-    query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`dudch.stage` = '{stage}'"
-    if bits is not None:
-        query += f" and tags.`dudch.bits` = '{bits}'"
-    return client.search_runs([parent.info.experiment_id], query)
-
-
 def candidate(client, run_id, bits=None):
     """(parent run, bits, {"map_50.i2t": student score or None, ...} for GATE_METRICS) of a
     finished pipeline run; bits defaults to the longest code the run trained."""
@@ -62,13 +56,13 @@ def candidate(client, run_id, bits=None):
                          f"parent run id that `dudch run` printed")
     if parent.info.status != "FINISHED":
         raise DudchError(f"pipeline run {run_id} is {parent.info.status}, not FINISHED; promote a finished run")
-    trained = sorted(int(r.data.tags["dudch.bits"]) for r in _children(client, parent, "student"))
+    trained = sorted(int(r.data.tags["dudch.bits"]) for r in stage_children(client, parent, "student"))
     if not trained:
         raise DudchError(f"pipeline run {run_id} has no student; it did not train")
     bits = bits or trained[-1]
     if bits not in trained:
         raise DudchError(f"pipeline run {run_id} trained {trained} bits, not {bits}; pass --bits")
-    (evaluation,) = _children(client, parent, "evaluate", bits) or [None]
+    (evaluation,) = stage_children(client, parent, "evaluate", bits) or [None]
     metrics = evaluation.data.metrics if evaluation else {}
     scores = {m: metrics.get("student.{1}.{0}".format(*m.split("."))) for m in GATE_METRICS}
     return parent, bits, scores
@@ -78,8 +72,8 @@ def build(client, parent, bits, directory):
     """Download the run's student, codes, encoders and items, and write a retriever folder."""
     from dudch import retrieval
 
-    (student_run,) = _children(client, parent, "student", bits)
-    (prepare_run,) = _children(client, parent, "prepare")
+    (student_run,) = stage_children(client, parent, "student", bits)
+    (prepare_run,) = stage_children(client, parent, "prepare")
     local = Path(directory)
     student_dir = client.download_artifacts(student_run.info.run_id, "retrieval", str(local / "student"))
     prepare_dir = client.download_artifacts(prepare_run.info.run_id, "retrieval", str(local / "prepare"))
@@ -126,6 +120,7 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
                              f"{decision.removeprefix('refused: ')}; pass --force to promote it anyway")
         decision = "forced: " + decision.removeprefix("refused: ")
 
+    commit = {k: v for k, v in parent.data.tags.items() if k == "mlflow.source.git.commit"}
     with tempfile.TemporaryDirectory() as tmp:
         retriever_dir = build(client, parent, bits, tmp)
         probe = RetrievalModel()  # a loaded copy to check the model before it is logged
@@ -134,7 +129,7 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
         probe.predict(None, example, {"top_k": 1})  # fails here, not in production, if broken
         with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=f"promote-{bits}bits",
                               parent_run_id=parent.info.run_id,
-                              tags={KIND_TAG: "promotion", "dudch.bits": str(bits)}):
+                              tags={KIND_TAG: "promotion", "dudch.bits": str(bits), **commit}):
             logged = mlflow.pyfunc.log_model(
                 name="retrieval", python_model=str(MODEL_CODE), artifacts={"retriever": str(retriever_dir)},
                 signature=SIGNATURE, input_example=example, pip_requirements=_requirements())

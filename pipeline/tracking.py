@@ -151,6 +151,8 @@ def report(experiment_id, run_id=None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from components.tracking import stage_children
+
     client = mlflow.MlflowClient()
     run_id = run_id or latest_pipeline_run_id(experiment_id)
     try:
@@ -161,11 +163,8 @@ def report(experiment_id, run_id=None):
     if parent.data.tags.get(KIND_TAG) != "pipeline":
         raise DudchError(f"run {run_id} is not a pipeline run (a stage's child run?); pass the "
                          f"parent run id that `dudch run` printed (`dudch compare` lists them)")
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`dudch.stage` = 'evaluate'")
     results = []
-    for child in children:
+    for child in stage_children(client, parent, "evaluate"):
         bits = int(child.data.tags["dudch.bits"])
         for method in RESULT_METHODS:
             for direction in ("i2t", "t2i"):
