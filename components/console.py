@@ -26,7 +26,8 @@ def one_line_error(error):
     else the exception's type and first line."""
     from dudch import DudchError, first_line
 
-    return first_line(error) if isinstance(error, DudchError) else f"{type(error).__name__}: {first_line(error)}"
+    text, kind = first_line(error), type(error).__name__
+    return text if isinstance(error, DudchError) or text == kind else f"{kind}: {text}"
 
 
 class TaskConsole:

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -76,6 +77,9 @@ def _parser():
                      help="any other pipeline parameter, e.g. teacher_epochs=20 or "
                      "text_features=minilm; data_repo=URL data_rev=REV read the SOURCE's path "
                      "through DVC from that repository at that revision (see `dudch params`)")
+    run.add_argument("--keep-runs", type=int, default=10, metavar="N", help="keep the task outputs "
+                     "(.dudch/kfp) and logs (.dudch/logs) of the newest N local runs, remove older "
+                     "ones (0: keep all)")
     run.add_argument("--verbose", action="store_true", help="print every task's raw output (KFP's "
                      "executor lines, library warnings) instead of one line per task start and end")
     run.set_defaults(handler=_run)
@@ -228,19 +232,19 @@ def _parse_params(pairs, with_run_inputs=False):
 
 def _run(args):
     root = Path.cwd().resolve()
-    # Locally a failed task is not retried: the mistakes a retry cannot fix are the common ones
-    # here, and the cluster's backoff would cost minutes. A user's setting wins.
     from pipeline import tracking
     from pipeline.cluster import RETRIES_ENV
     from pipeline.console import RUNNER_LOG, RunConsole
 
+    # Locally a failed task is not retried: the mistakes a retry cannot fix are the common ones
+    # here, and the cluster's backoff would cost minutes. A user's setting wins.
     os.environ.setdefault(RETRIES_ENV, "0")
 
     params = dict(bits=args.bits, max_items=args.max_items, seed=args.seed, **_parse_params(args.param))
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
-    logs = root / ".dudch" / "logs" / run_id
+    logs, scratch = root / ".dudch" / "logs" / run_id, root / ".dudch" / "tmp" / run_id
     print(f"MLflow parent run {run_id} in {tracking.tracking_uri(root)}", flush=True)
     if not args.verbose:
         print(f"Logs: {logs.relative_to(root)}/ (a file per task; kfp.log: the local runner)", flush=True)
@@ -257,15 +261,22 @@ def _run(args):
     for variable in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(variable, threads)
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-    started, succeeded, plain_print = time.perf_counter(), False, builtins.print
+    started, status, plain_print = time.perf_counter(), "FAILED", builtins.print
     console = RunConsole(logs)
+    # Each task's launcher makes a temporary folder (`mktemp -d`) that it never removes: here
+    # they land in one folder per run, removed when the run ends.
+    scratch.mkdir(parents=True)
+    os.environ["TMPDIR"] = str(scratch)
     try:
         with contextlib.nullcontext() if args.verbose else console:
             kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                            pipeline_root=str(root / ".dudch" / "kfp"))
             dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
                            mlflow_parent_run_id=run_id, **params)
-        succeeded = True
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise DudchError(f"stopped by Ctrl-C; MLflow run {run_id} is marked KILLED") from None
     except RuntimeError as error:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0][:200]
         if args.verbose:
@@ -278,12 +289,23 @@ def _run(args):
         # kfp 2.17's parallel tasks can leave builtins.print swapped for its indenting one,
         # which indents what follows and breaks importing numba (for the summary).
         builtins.print = plain_print
-        tracking.finish_parent_run(run_id, succeeded)
+        if tracking.is_running(run_id):  # the pipeline's exit task ends it, unless it never ran
+            tracking.finish_parent_run(run_id, status)
+        shutil.rmtree(scratch, ignore_errors=True)
+        _keep_latest(root / ".dudch" / "kfp", args.keep_runs)
+        _keep_latest(root / ".dudch" / "logs", args.keep_runs)
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Results (query set, "
           f"mAP@50 and mAP@all; distinct: distinct database codes / database size):\n")
     print(tracking.format_table(tracking.report(experiment_id, run_id)))
     print(f"\nCompare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri "
           f"{tracking.tracking_uri(root)}\n")
+
+
+def _keep_latest(folder, count):
+    """Remove all but the `count` newest run folders in `folder` (0: keep all)."""
+    runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in runs[:-count] if count else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _resolve_dataset(root, source, params, on_this_machine):
@@ -329,14 +351,15 @@ def _submit(args):
         raise DudchError("--param dataset=SOURCE is required (e.g. manifest:data/own/pairs.jsonl "
                          "with data_repo=GIT_URL and data_rev=REV)")
     params.setdefault("cache_dir", "/tmp/dudch-cache")
-    if "mlflow_parent_run_id" not in params:
-        from pipeline import tracking
+    from pipeline import tracking
 
-        root = Path.cwd().resolve()
+    root = Path.cwd().resolve()
+    experiment_id = tracking.connect(root)
+    if "mlflow_parent_run_id" not in params:
         dataset, pin, data_uri = _resolve_dataset(root, params["dataset"], params, on_this_machine=False)
         run_params = {k: v for k, v in params.items() if k not in RUN_INPUTS}
         params["mlflow_parent_run_id"] = tracking.start_parent_run(
-            root, tracking.connect(root), _with_defaults(run_params), dataset, pin, data_uri)
+            root, experiment_id, _with_defaults(run_params), dataset, pin, data_uri)
 
     import kfp
 
@@ -352,7 +375,12 @@ def _submit(args):
     experiment = client.create_experiment(args.experiment, namespace=args.namespace)
     run = client.run_pipeline(experiment_id=experiment.experiment_id, job_name=f"dudch-{version}",
                               pipeline_id=pipeline_id, version_id=version_id, params=params)
-    print(f"run {run.run_id}\n{host}/#/runs/details/{run.run_id}")
+    link = f"{host}/#/runs/details/{run.run_id}"
+    import mlflow
+
+    mlflow.MlflowClient().set_tag(params["mlflow_parent_run_id"], "kfp.run_url", link)
+    print(f"run {run.run_id}\n{link}\nMLflow parent run {params['mlflow_parent_run_id']}: it ends "
+          f"FINISHED or FAILED when the pipeline does (its exit task)")
 
 
 def _compile(args):

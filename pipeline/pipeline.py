@@ -6,6 +6,7 @@ from typing import List
 from kfp import dsl
 
 from components.evaluate import evaluate
+from components.finish import finish_run
 from components.prepare import prepare_data
 from components.similarity import reconstruct_similarity
 from components.student import train_student
@@ -102,35 +103,39 @@ def dudch_pipeline(
         student_weight_decay: the student networks' weight decay (ADSH: 5e-4).
         student_init: database codes start from the teacher's codes (teacher), zeros (ADSH) or random.
     """
-    prepared = prepare_data(dataset=dataset, data_repo=data_repo, data_rev=data_rev,
-                            cache_dir=cache_dir, seed=seed, max_items=max_items,
-                            min_word_count=min_word_count, min_label_size=min_label_size,
-                            text_features=text_features, image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
-    with_data(on_cluster(prepared, cache=True))
-    features = prepared.outputs["features"]
-    with dsl.ParallelFor(bits) as k:
-        teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
-                                batch_size=teacher_batch_size, beta=beta, eta=eta, mu=mu,
-                                lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
-                                lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
-                                image_input=teacher_image_input, seed=seed,
-                                mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
-        on_cluster(teacher, gpu=True, cache=True)
-        similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"], bits=k,
-                                            source=similarity_source, rule=similarity_rule,
-                                            parameter=similarity_parameter,
-                                            related_fraction=similarity_related_fraction,
-                                            mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("reconstruct similarity")
-        on_cluster(similarity)
-        student = train_student(features=features, similarity=similarity.outputs["similarity"], bits=k,
-                                outer_iterations=student_outer_iterations,
-                                inner_epochs=student_inner_epochs, omega_size=omega_size,
-                                batch_size=student_batch_size, gamma=gamma,
-                                soft_constraint=soft_constraint, optimizer=student_optimizer,
-                                lr=student_lr, lr_step=student_lr_step,
-                                weight_decay=student_weight_decay, init=student_init, seed=seed,
-                                mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("student (DCC)")
-        on_cluster(student, gpu=True)
-        on_cluster(evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],
-                            student=student.outputs["student"], bits=k,
-                            mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("evaluate"))
+    # On success, failure or cancellation alike, the MLflow parent run is ended (FINISHED with
+    # its summary, FAILED or KILLED) and tagged with the KFP run id.
+    finish = finish_run(mlflow_parent_run_id=mlflow_parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    with dsl.ExitHandler(on_cluster(finish.set_display_name("finish MLflow run")), name="dudch"):
+        prepared = prepare_data(dataset=dataset, data_repo=data_repo, data_rev=data_rev,
+                                cache_dir=cache_dir, seed=seed, max_items=max_items,
+                                min_word_count=min_word_count, min_label_size=min_label_size,
+                                text_features=text_features, image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
+        with_data(on_cluster(prepared, cache=True))
+        features = prepared.outputs["features"]
+        with dsl.ParallelFor(bits) as k:
+            teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
+                                    batch_size=teacher_batch_size, beta=beta, eta=eta, mu=mu,
+                                    lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
+                                    lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
+                                    image_input=teacher_image_input, seed=seed,
+                                    mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
+            on_cluster(teacher, gpu=True, cache=True)
+            similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"], bits=k,
+                                                source=similarity_source, rule=similarity_rule,
+                                                parameter=similarity_parameter,
+                                                related_fraction=similarity_related_fraction,
+                                                mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("reconstruct similarity")
+            on_cluster(similarity)
+            student = train_student(features=features, similarity=similarity.outputs["similarity"], bits=k,
+                                    outer_iterations=student_outer_iterations,
+                                    inner_epochs=student_inner_epochs, omega_size=omega_size,
+                                    batch_size=student_batch_size, gamma=gamma,
+                                    soft_constraint=soft_constraint, optimizer=student_optimizer,
+                                    lr=student_lr, lr_step=student_lr_step,
+                                    weight_decay=student_weight_decay, init=student_init, seed=seed,
+                                    mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("student (DCC)")
+            on_cluster(student, gpu=True)
+            on_cluster(evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],
+                                student=student.outputs["student"], bits=k,
+                                mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("evaluate"))

@@ -89,18 +89,30 @@ def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
     return run.info.run_id
 
 
-def finish_parent_run(run_id, succeeded):
-    """End the parent run as FINISHED or FAILED; a finished run first gets its summary (and
-    is FAILED, never left RUNNING, if that breaks)."""
+def finish_parent_run(run_id, status):
+    """End the parent run as `status` (FINISHED, FAILED or KILLED), and any of its child runs
+    still RUNNING (a killed task's) as FAILED or KILLED. A finished run first gets its summary,
+    and is FAILED, never left RUNNING, if that breaks."""
     import mlflow
 
-    status = "FAILED"
+    client = mlflow.MlflowClient()
+    final = "FAILED" if status == "FINISHED" else status
     try:
-        if succeeded:
+        if status == "FINISHED":
             log_summary(run_id)
-            status = "FINISHED"
+            final = "FINISHED"
     finally:
-        mlflow.MlflowClient().set_terminated(run_id, status)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        for child in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
+                                        f"and attributes.status = 'RUNNING'"):
+            client.set_terminated(child.info.run_id, "KILLED" if status == "KILLED" else "FAILED")
+        client.set_terminated(run_id, final)
+
+
+def is_running(run_id):
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING"
 
 
 def log_summary(run_id):

@@ -18,7 +18,10 @@ def run_pipeline(*args, env):
 
 
 def dudch(*args, env=None, cwd=ROOT, timeout=900):
-    """Run the real `dudch` console script of this virtualenv; returns the CompletedProcess."""
+    """Run the real `dudch` console script of this virtualenv; returns the CompletedProcess.
+    A run keeps every earlier run's outputs: tests read theirs back after later runs."""
+    if args[:1] == ("run",) and "--keep-runs" not in args:
+        args = (*args, "--keep-runs", "0")
     command = [str(Path(sys.executable).with_name("dudch")), *args]
     return subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)

@@ -3,13 +3,18 @@ everything else in a log file per task; a failure as the task's one-line error a
 end, without a traceback."""
 
 import json
+import os
 from pathlib import Path
+
+import mlflow
 
 from tests import datasets
 from tests.conftest import BITS
-from tests.helpers import dudch
+from pipeline.cli import _keep_latest
+from tests.helpers import ROOT, dudch
 
-TASKS = ["prepare"] + [f"{stage} {bits}b" for stage in ("teacher", "similarity", "student", "evaluate") for bits in BITS]
+TASKS = ["prepare"] + [f"{stage} {bits}b" for stage in ("teacher", "similarity", "student", "evaluate")
+                        for bits in BITS] + ["finish"]
 
 
 def test_one_line_per_task_start_and_end_and_the_rest_in_logs(pipeline_run):
@@ -23,10 +28,9 @@ def test_one_line_per_task_start_and_end_and_the_rest_in_logs(pipeline_run):
     warnings = [line.split("warning: ")[1] for line in lines if "warning: " in line]
     assert warnings and len(warnings) == len(set(warnings))
     assert any("no text word in the vocabulary" in w for w in warnings)
-    assert len(lines) <= 40
+    assert len(lines) <= 2 * len(TASKS) + 25  # the results table, warnings and a few lines more
 
-    logs = Path(out.split("Logs: ")[1].split("/ ")[0])
-    logs = logs if logs.is_absolute() else Path(__file__).resolve().parents[1] / logs
+    logs = ROOT / out.split("Logs: ")[1].split("/ ")[0]
     assert logs.name == pipeline_run["run_id"]
     names = {p.name for p in logs.iterdir()}
     assert {task.replace(" ", "-") + ".log" for task in TASKS} | {"kfp.log", "events.jsonl"} == names
@@ -35,6 +39,19 @@ def test_one_line_per_task_start_and_end_and_the_rest_in_logs(pipeline_run):
     assert f"teacher-{BITS[0]}b: 1/" in teacher and "MLflow run of this task" in teacher
     events = [json.loads(line) for line in (logs / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "end" and e["status"] == "ok" for e in events) == len(TASKS)
+    # The tasks' launchers made their temporary folders in the run's scratch folder, now gone.
+    scratch = ROOT / ".dudch" / "tmp" / pipeline_run["run_id"]
+    assert f"--component_module_path `{scratch}/" in (logs / "kfp.log").read_text() and not scratch.exists()
+
+
+def test_only_the_newest_runs_outputs_are_kept(tmp_path):
+    for age, name in enumerate(["dudch-3", "dudch-1", "dudch-2"]):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))
+    _keep_latest(tmp_path, 0)
+    assert len(list(tmp_path.iterdir())) == 3
+    _keep_latest(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dudch-1", "dudch-2"]
 
 
 def test_a_failing_task_reports_its_error_and_log_tail_without_a_traceback(tmp_path, openclipart_root):
@@ -50,3 +67,9 @@ def test_a_failing_task_reports_its_error_and_log_tail_without_a_traceback(tmp_p
     assert "prepare         FAILED after" in done.stdout
     log = done.stdout.split("Last lines of prepare's log (")[1].split(")")[0]
     assert "Traceback" in Path(log).read_text()  # kept for whoever wants it
+    # The pipeline's exit task ended the MLflow runs: none is left RUNNING.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
+    assert sorted((r.info.run_name.split()[0], r.info.status) for r in runs) == [("manifest", "FAILED"), ("prepare", "FAILED")]
+    (parent,) = [r for r in runs if r.data.tags.get("dudch.kind") == "pipeline"]
+    assert parent.data.tags["kfp.run_id"]

@@ -46,7 +46,7 @@ def test_parent_run_is_the_row_to_compare(pipeline_run, parent):
 
 
 def test_kfp_ui_gets_a_markdown_report_per_bit_length(pipeline_run):
-    reports = sorted(pipeline_run["kfp_dir"].glob("for-loop-1-iteration-*/evaluate/report"))
+    reports = sorted(pipeline_run["kfp_dir"].glob("for-loop-2-iteration-*/evaluate/report"))
     assert len(reports) == len(BITS)
     for path in reports:
         text = path.read_text()
@@ -93,7 +93,7 @@ def test_child_runs_per_stage_and_bit_length(pipeline_run, parent):
 
 
 def test_student_codes_are_exactly_plus_minus_one(pipeline_run):
-    codes_files = sorted(pipeline_run["kfp_dir"].glob("for-loop-1-iteration-*/train-student/student/codes.npz"))
+    codes_files = sorted(pipeline_run["kfp_dir"].glob("for-loop-2-iteration-*/train-student/student/codes.npz"))
     assert len(codes_files) == len(BITS)
     for path in codes_files:
         with np.load(path) as saved:

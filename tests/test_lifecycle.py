@@ -1,11 +1,20 @@
-"""A retried task keeps one MLflow child run per stage and bit length; runs that an older version
-left duplicated still read as one row in report and promote."""
+"""MLflow runs that end as the pipeline does: a retried task keeps one child run per stage and bit
+length, runs that an older version left duplicated read as one row, Ctrl-C ends a local run at
+once as KILLED. (A failed run ends FAILED: tests/test_console.py.)"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from components.tracking import BITS_TAG, STAGE_TAG, stage_run
 from pipeline import registry, tracking
+from tests.helpers import ROOT
 
 
 @pytest.fixture
@@ -59,3 +68,28 @@ def test_report_and_promote_read_one_row_where_an_older_version_left_two(parent)
         ("student", 16, "i2t", 0.6), ("student", 16, "t2i", 0.6)]
     _, bits, scores = registry.candidate(client, parent.info.run_id)
     assert bits == 16 and set(scores.values()) == {0.6}
+
+
+def test_ctrl_c_stops_a_local_run_at_once_and_marks_it_killed(tmp_path):
+    """SIGINT to the run's process group, as a terminal's Ctrl-C sends it, while teachers train."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "300",
+                                "--bits", "16", "--param", "teacher_epochs=1000", "--param", "min_word_count=2",
+                                "--param", "min_label_size=10", "--keep-runs", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True)
+        deadline = time.time() + 120
+        while "teacher 16b     started" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        interrupted = time.time()
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(timeout=60) == 2
+    assert time.time() - interrupted < 10
+    assert log.read_text().strip().splitlines()[-1].startswith("error: stopped by Ctrl-C; MLflow run ")
+    assert "Traceback" not in log.read_text()
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
+    statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
+    assert statuses["pipeline"] == "KILLED" and "RUNNING" not in statuses.values()

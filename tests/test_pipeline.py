@@ -16,13 +16,18 @@ def test_compile_check_fails_on_a_stale_file(tmp_path):
     assert done.returncode == 1 and "out of date" in done.stderr
 
 
-def test_pipeline_shape_prepare_once_then_a_branch_per_bit_length():
+def test_pipeline_shape_prepare_once_then_a_branch_per_bit_length_then_finish():
     spec = next(yaml.safe_load_all((ROOT / "pipeline.yaml").read_text()))
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"prepare-data", "for-loop-1"}
-    loop = root["for-loop-1"]
+    assert set(root) == {"exit-handler-1", "finish-run"}
+    # The exit task ends the MLflow parent run whatever the stages' outcome.
+    assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["finish-run"]["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    stages = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert set(stages) == {"prepare-data", "for-loop-2"}
+    loop = stages["for-loop-2"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--bits"
-    branch = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    branch = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
     assert set(branch) == {"train-teacher", "reconstruct-similarity", "train-student", "evaluate"}
     assert spec["root"]["inputDefinitions"]["parameters"]["bits"]["defaultValue"] == [16, 32, 64, 128]
 

@@ -23,7 +23,7 @@ from tests.helpers import OPENCLIPART, dudch
 
 def student_output(pipeline_run, bits):
     """(codes.npz arrays, the student networks) that the run's KFP task wrote for `bits`."""
-    for folder in pipeline_run["kfp_dir"].glob("for-loop-1-iteration-*/train-student/student"):
+    for folder in pipeline_run["kfp_dir"].glob("for-loop-2-iteration-*/train-student/student"):
         with np.load(folder / "codes.npz") as saved:
             if saved["codes"].shape[1] == bits:
                 return dict(saved), nets.load(folder / "model.pt")[0]
