@@ -32,18 +32,13 @@ def data_version(root):
     return yaml.safe_load(path.read_text())["outs"][0]["md5"]
 
 
-def workspace_matches_pin(root):
-    """True when the files in data/ hash, as DVC hashes them, to what data.dvc pins."""
+def workspace_matches_pin(root, tracked="data"):
+    """True when the files of the tracked path hash, as DVC hashes them, to what its .dvc file
+    pins (`dvc data status`: nothing uncommitted)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        (stage,) = repo.stage.collect(DVC_FILE)
-        return _in_sync(stage.outs[0])
-
-
-def _in_sync(out):
-    """True when a DVC output's files hash to what its .dvc file pins."""
-    return out.exists and out.get_hash().value == out.hash_info.value
+        return not any(repo.data_status(targets=[tracked])["uncommitted"].values())
 
 
 def ensure_openclipart(root, archive=None):
@@ -69,23 +64,33 @@ def pin(path, repo=".", rev=None, check_workspace=False):
     (None: the workspace). Returns {"dvc_file", "md5", "rev", "tracked"}: the .dvc file, its md5
     and the tracked path holding `path` (all None when no .dvc file tracks it), and the git
     commit. `check_workspace`: refuse a workspace whose files differ from the pin."""
-    from dvc.repo import Repo
+    from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
 
+    untracked = dict(dvc_file=None, md5=None, tracked=None)
     try:
-        with Repo.open(str(repo), rev=rev, uninitialized=True) as dvc_repo:
-            commit = _resolved_rev(dvc_repo)
-            target = dvc_repo.fs.join(dvc_repo.root_dir, *Path(path).parts)
-            for out in dvc_repo.index.outs:
-                if target == out.fs_path or target.startswith(out.fs_path + dvc_repo.fs.sep):
-                    dvc_file = dvc_repo.fs.relpath(out.stage.path, dvc_repo.root_dir)
-                    if check_workspace and not _in_sync(out):
-                        raise DudchError(f"{path} differs from the version pinned in {dvc_file}; "
-                                         f"run `dvc add {dvc_repo.fs.relpath(out.fs_path, dvc_repo.root_dir)}` "
-                                         f"(and commit the .dvc file) or `dudch data pull`")
-                    return dict(dvc_file=dvc_file, md5=out.hash_info.value, rev=commit,
-                                tracked=dvc_repo.fs.relpath(out.fs_path, dvc_repo.root_dir))
-            return dict(dvc_file=None, md5=None, rev=commit, tracked=None)
+        fs = DVCFileSystem(str(repo), rev=rev)
+        commit = _resolved_rev(fs.repo)
+        relative = Path(path)
+        if relative.is_absolute():
+            local_root = Path(repo).resolve()
+            if not relative.is_relative_to(local_root):
+                return dict(untracked, rev=commit)
+            relative = relative.relative_to(local_root)
+        # The outermost tracked folder on the way down to `path` is the one its .dvc file pins.
+        for depth in range(1, len(relative.parts) + 1):
+            prefix = "/".join(relative.parts[:depth])
+            try:
+                info = fs.info(prefix).get("dvc_info", {})
+            except FileNotFoundError:
+                return dict(untracked, rev=commit)
+            if info.get("isout"):
+                dvc_file = f"{prefix}.dvc"
+                if check_workspace and not workspace_matches_pin(repo, prefix):
+                    raise DudchError(f"{path} differs from the version pinned in {dvc_file}; run "
+                                     f"`dvc add {prefix}` (and commit the .dvc file) or `dudch data pull`")
+                return dict(dvc_file=dvc_file, md5=info["md5"], rev=commit, tracked=prefix)
+        return dict(untracked, rev=commit)
     except DvcException as error:
         raise DudchError(f"cannot read the DVC pins of {repo} at {rev or 'the workspace'} "
                          f"({first_line(error)}); check the repository and revision") from None

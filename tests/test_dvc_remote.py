@@ -13,7 +13,8 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.data import fetch_pinned
+from dudch import DudchError
+from pipeline.data import fetch_pinned, pin
 from tests.conftest import S3_CREDENTIALS
 from tests.helpers import ROOT, dudch
 
@@ -105,6 +106,20 @@ def test_fetching_a_pinned_file_brings_its_whole_tracked_folder(origin, tmp_path
     assert pin == dict(dvc_file="data/own.dvc", md5=origin["md5"], rev=rev, tracked="data/own")
     assert local.read_bytes() == (origin["repo"] / "data" / "own" / "pairs.jsonl").read_bytes()
     assert len(list((local.parent / "images").iterdir())) == ITEMS
+
+
+def test_the_workspace_pin_names_its_dvc_file_and_refuses_edited_data(origin):
+    manifest = origin["repo"] / "data" / "own" / "pairs.jsonl"
+    found = pin(manifest, origin["repo"], check_workspace=True)
+    assert (found["dvc_file"], found["md5"], found["tracked"]) == ("data/own.dvc", origin["md5"], "data/own")
+    assert pin(origin["repo"] / "README.md", origin["repo"])["md5"] is None  # not tracked
+    text = manifest.read_text()
+    manifest.write_text(text + text.splitlines()[0] + "\n")
+    try:
+        with pytest.raises(DudchError, match="differs from the version pinned in data/own.dvc; run `dvc add data/own`"):
+            pin(manifest, origin["repo"], check_workspace=True)
+    finally:
+        manifest.write_text(text)
 
 
 def test_a_run_reads_a_pinned_revision_through_dvc_without_a_checkout(origin, tmp_path):
