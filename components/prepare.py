@@ -24,7 +24,7 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
 
         from components.tracking import dataset_source, stage_run
         from dudch import prepare, sources
-        from dudch.storage import save_npz
+        from dudch.storage import SharedCache, save_npz
 
         config = prepare.PrepareConfig(seed=seed, max_items=max_items, min_word_count=min_word_count,
                                        min_label_size=min_label_size, text_features=text_features,
@@ -38,8 +38,10 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
                 dataset = f"{kind}:{local}"
                 mlflow.set_tags({"dudch.data_repo": data_repo, "dudch.data_rev": pin["rev"],
                                  "dudch.data_version": pin["md5"]})
+            shared = os.environ.get("DUDCH_SHARED_CACHE")  # pipeline.cluster.SHARED_CACHE_ENV
             feature_data, label_data, info = prepare.prepare(
-                dataset, cache_dir, config, progress=lambda done, total: console.progress(done, total, "images"))
+                dataset, cache_dir, config, progress=lambda done, total: console.progress(done, total, "images"),
+                shared_cache=SharedCache(shared) if shared else None)
             for warning in info["warnings"]:
                 console.warn(warning)
             prepare.save(features.path, features=feature_data, info=info)

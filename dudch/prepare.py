@@ -35,7 +35,7 @@ class PrepareConfig:
     text_features: str = "bow"  # "bow" or "minilm" (sentence embeddings)
 
 
-def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
+def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cache=None):
     """Build the dataset named by `source` (e.g. "openclipart", "manifest:pairs.jsonl").
 
     Returns (features, labels, info): two dicts of numpy arrays and a JSON-able summary.
@@ -48,7 +48,8 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
     Image features are cached in `cache_dir` by (the images' content, extractor settings), so
     a rerun on the same data does not decode or encode again. `progress`: True for a progress
     bar on stderr while images are decoded, False for none, or a function called with (images
-    done, total) after each batch.
+    done, total) after each batch. `shared_cache` (a `dudch.storage.SharedCache`): where the
+    cache entries are also fetched from and stored, for machines that share no file system.
     """
     data = sources.load(source, config.min_label_size)
     if config.max_items:
@@ -61,7 +62,7 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True):
                              f"fine-tune on pixels; use teacher_image_input=features")
         image, pixels, thumbnails = data.image_features, None, None
     else:
-        image, rendered, thumbnails, pixels = _images(data, cache_dir, config, progress)
+        image, rendered, thumbnails, pixels = _images(data, cache_dir, config, progress, shared_cache)
         if not rendered.all():
             warnings.append(f"{int((~rendered).sum())} images could not be decoded and were left out")
             data = data.subset(rendered)
@@ -161,7 +162,7 @@ def _cache_key(content_keys, **settings):
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def _images(data, cache_dir, config, progress):
+def _images(data, cache_dir, config, progress, shared_cache):
     """(features float32 (n, 1280), decoded bool (n,), thumbnails uint8 (n, 64, 64, 3), pixels
     uint8 (n, size, size, 3) when config.keep_pixels else None). All are cached by the images' content keys and the
     extractor settings (pixels as a memory-mappable .npy); whatever the cache lacks is
@@ -170,10 +171,13 @@ def _images(data, cache_dir, config, progress):
     keys = data.content_keys
     features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]', thumbnail=THUMBNAIL_SIZE)}.npz"
     pixels_path = cache / f"pixels-{_cache_key(keys, size=config.image_size)}.npy"
-    encode = not features_path.exists()
-    keep = config.keep_pixels and not pixels_path.exists()
-    if encode or keep:
-        _decode(data, config, progress, features_path if encode else None, pixels_path if keep else None)
+    wanted = [features_path] + ([pixels_path] if config.keep_pixels else [])
+    missing = [path for path in wanted if not path.exists() and not (shared_cache and shared_cache.fetch(path))]
+    if missing:
+        _decode(data, config, progress, features_path if features_path in missing else None,
+                pixels_path if pixels_path in missing else None)
+        for path in missing if shared_cache else []:
+            shared_cache.store(path)
     with np.load(features_path) as cached:
         features, decoded, thumbnails = cached["features"], cached["rendered"], cached["thumbnails"]
     return features, decoded, thumbnails, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None

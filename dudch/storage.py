@@ -85,3 +85,41 @@ def _jsonable(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class SharedCache:
+    """A cache folder mirrored in S3 (or any S3-compatible store) at `url` = s3://bucket/prefix,
+    so that pods on different nodes share what one of them computed: `fetch` copies a file that
+    the local cache lacks from S3, `store` uploads one computed here. Files are named by their
+    content key, so an entry never changes once written. The endpoint and credentials come from
+    the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)."""
+
+    def __init__(self, url):
+        import boto3
+
+        if not url.startswith("s3://") or "/" not in url.removeprefix("s3://").strip("/"):
+            from dudch import DudchError
+
+            raise DudchError(f"shared cache {url!r} is not s3://bucket/prefix")
+        self.bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        self.prefix = prefix.strip("/")
+        self.client = boto3.client("s3")
+
+    def _key(self, path):
+        return f"{self.prefix}/{Path(path).name}"
+
+    def fetch(self, path):
+        """Download the entry named like `path` into `path`; False when S3 has none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            with atomic_file(path) as tmp:
+                self.client.download_file(self.bucket, self._key(path), str(tmp))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
+            raise
+        return True
+
+    def store(self, path):
+        self.client.upload_file(str(path), self.bucket, self._key(path))

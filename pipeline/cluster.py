@@ -22,7 +22,10 @@ SECRET = os.environ.get("DUDCH_SECRET", "dudch-credentials")
 DATA_PVC = os.environ.get("DUDCH_DATA_PVC", "")
 DATA_MOUNT = "/data"
 CONFIG_MAP = os.environ.get("DUDCH_CONFIG_MAP", "dudch-config")
-RETRIES_ENV = "DUDCH_TASK_RETRIES"  # read when the pipeline is defined (on importing it)
+RETRIES_ENV = "DUDCH_TASK_RETRIES"
+# Where pods share the image-feature cache (s3://bucket/prefix): each pod's own disk is empty.
+SHARED_CACHE_ENV = "DUDCH_SHARED_CACHE"
+SHARED_CACHE = os.environ.get(SHARED_CACHE_ENV, "")  # read when the pipeline is defined (on importing it)
 
 # Secret keys -> environment variables: object-store credentials (S3 or MinIO).
 SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
@@ -32,9 +35,12 @@ CONFIG_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_
 
 
 def with_data(task):
-    """Mount the raw-data volume (DUDCH_DATA_PVC) on `task`, when one is configured."""
+    """Mount the raw-data volume (DUDCH_DATA_PVC) on `task`, and point it at the shared feature
+    cache (DUDCH_SHARED_CACHE), when they are configured."""
     if DATA_PVC:
         kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
+    if SHARED_CACHE:
+        task.set_env_variable(SHARED_CACHE_ENV, SHARED_CACHE)
     return task
 
 
