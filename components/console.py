@@ -49,6 +49,10 @@ class TaskConsole:
         print(f"warning: {message}", flush=True)
         self.send("warning", message=message)
 
+    def note(self, message):
+        print(message, flush=True)
+        self.send("note", message=message)
+
     def send(self, event, **fields):
         if not self.directory:
             return
@@ -59,10 +63,11 @@ class TaskConsole:
 
 
 @contextlib.contextmanager
-def task_console(stage, bits=None):
+def task_console(stage, bits=None, quiet=False):
     """Run a task's body inside its console; yields the TaskConsole. With DUDCH_LOG_DIR set,
     the process's stdout and stderr go to DIR/TASK.log for the duration, and a failure is
-    reported as one line (its traceback stays in the log) before it propagates."""
+    reported as one line (its traceback stays in the log) before it propagates. A `quiet` task
+    (bookkeeping) reports no start or success, only its notes, warnings and failure."""
     directory = os.environ.get(LOG_DIR_ENV)
     console = TaskConsole(stage, bits, directory)
     if not directory:
@@ -76,7 +81,8 @@ def task_console(stage, bits=None):
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    console.send("start", log=log_path)
+    if not quiet:
+        console.send("start", log=log_path)
     try:
         yield console
     except BaseException as error:
@@ -84,7 +90,8 @@ def task_console(stage, bits=None):
         console.send("end", status="failed", error=one_line_error(error), log=log_path)
         raise
     else:
-        console.send("end", status="ok", log=log_path)
+        if not quiet:
+            console.send("end", status="ok", log=log_path)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,17 +1,19 @@
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Artifact, Dataset, Output
 
 from components import component
 
 
 @component
-def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, seed: int,
+def prepare_data(dataset: str, data_version: str, data_repo: str, data_rev: str, cache_dir: str, seed: int,
                  max_items: int, min_word_count: int, min_label_size: int, text_features: str,
-                 image_input: str, mlflow_parent_run_id: str,
-                 features: Output[Dataset], labels: Output[Dataset]):
+                 image_input: str, features: Output[Dataset], labels: Output[Dataset],
+                 record: Output[Artifact]):
     """A dataset SOURCE (e.g. "manifest:data/own/pairs.jsonl") -> `features` (image and text
     features, split, and the decoded pixels when image_input is "pixels": all that training
-    reads) and `labels` (read by evaluation alone). With `data_repo`, the SOURCE's path is
-    fetched through DVC from that repository at `data_rev`: exactly the pinned version."""
+    reads), `labels` (read by evaluation alone) and `record` (what `log_stage` logs to MLflow:
+    this task is cached, so it takes no run id; `data_version`, the data's DVC md5, is only
+    part of its cache key). With `data_repo`, the SOURCE's path is fetched through DVC from that
+    repository at `data_rev`: exactly the pinned version."""
     from components.console import task_console
 
     with task_console("prepare") as console:
@@ -19,44 +21,43 @@ def prepare_data(dataset: str, data_repo: str, data_rev: str, cache_dir: str, se
         import tempfile
         from dataclasses import asdict
 
-        import mlflow
-        from mlflow.data.meta_dataset import MetaDataset
-
-        from components.tracking import dataset_source, stage_run
+        from components.tracking import StageRecord
         from dudch import prepare, sources
         from dudch.storage import SharedCache, save_npz
 
         config = prepare.PrepareConfig(seed=seed, max_items=max_items, min_word_count=min_word_count,
                                        min_label_size=min_label_size, text_features=text_features,
                                        keep_pixels=image_input == "pixels")
-        with stage_run(mlflow_parent_run_id, "prepare", params=asdict(config)):
-            kind, path = sources.parse(dataset)
-            if data_repo:
-                from pipeline.data import fetch_pinned
+        log = StageRecord(record.path, "prepare")
+        log.log_params(asdict(config))
+        kind, path = sources.parse(dataset)
+        if data_repo:
+            from pipeline.data import fetch_pinned
 
-                local, pin = fetch_pinned(data_repo, data_rev or None, path, cache_dir)
-                dataset = f"{kind}:{local}"
-                mlflow.set_tags({"dudch.data_repo": data_repo, "dudch.data_rev": pin["rev"],
-                                 "dudch.data_version": pin["md5"]})
-            shared = os.environ.get("DUDCH_SHARED_CACHE")  # pipeline.cluster.SHARED_CACHE_ENV
-            feature_data, label_data, info = prepare.prepare(
-                dataset, cache_dir, config, progress=lambda done, total: console.progress(done, total, "images"),
-                shared_cache=SharedCache(shared) if shared else None)
-            for warning in info["warnings"]:
-                console.warn(warning)
-            prepare.save(features.path, features=feature_data, info=info)
-            prepare.save(labels.path, labels=label_data)
-            mlflow.log_metrics({"items": info["items"], "text_dim": info["text_dim"],
-                                "num_labels": info["num_labels"], "warnings": len(info["warnings"]),
-                                **{f"split_{k}": v for k, v in info["split"].items()}})
-            mlflow.log_dict(info, "prepare_info.json")
-            # For the retrieval model (`dudch promote`): how queries become features, and the
-            # items' ids and texts that search results show. No labels.
-            mlflow.log_dict(info["encoders"], "retrieval/encoders.json")
-            with tempfile.TemporaryDirectory() as tmp:
-                save_npz(os.path.join(tmp, "items.npz"), item_id=label_data["item_id"], text=label_data["text"])
-                mlflow.log_artifact(os.path.join(tmp, "items.npz"), "retrieval")
-            # What training read, by content: the same digest means the same inputs.
-            mlflow.log_input(MetaDataset(dataset_source(data_repo or path or sources.DEFAULT_OPENCLIPART),
-                                         name=kind, digest=info["digest"]), context="training")
+            local, pin = fetch_pinned(data_repo, data_rev or None, path, cache_dir)
+            dataset = f"{kind}:{local}"
+            log.set_tags({"dudch.data_repo": data_repo, "dudch.data_rev": pin["rev"],
+                          "dudch.data_version": pin["md5"]})
+        shared = os.environ.get("DUDCH_SHARED_CACHE")  # pipeline.cluster.SHARED_CACHE_ENV
+        feature_data, label_data, info = prepare.prepare(
+            dataset, cache_dir, config, progress=lambda done, total: console.progress(done, total, "images"),
+            shared_cache=SharedCache(shared) if shared else None)
+        for warning in info["warnings"]:
+            console.warn(warning)
+            log.warn(warning)
+        prepare.save(features.path, features=feature_data, info=info)
+        prepare.save(labels.path, labels=label_data)
+        log.log_metrics({"items": info["items"], "text_dim": info["text_dim"],
+                         "num_labels": info["num_labels"], "warnings": len(info["warnings"]),
+                         **{f"split_{k}": v for k, v in info["split"].items()}})
+        log.log_dict(info, "prepare_info.json")
+        # For the retrieval model (`dudch promote`): how queries become features, and the
+        # items' ids and texts that search results show. No labels.
+        log.log_dict(info["encoders"], "retrieval/encoders.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_npz(os.path.join(tmp, "items.npz"), item_id=label_data["item_id"], text=label_data["text"])
+            log.log_artifact(os.path.join(tmp, "items.npz"), "retrieval")
+        # What training read, by content: the same digest means the same inputs.
+        log.log_input(data_repo or path or sources.DEFAULT_OPENCLIPART, kind, info["digest"])
+        log.save()
         features.metadata.update(items=info["items"], text_dim=info["text_dim"])

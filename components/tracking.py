@@ -1,9 +1,14 @@
 """MLflow for the stages: each stage (and bit length) logs one child run under the pipeline's
 parent run. The tracking URI comes from MLFLOW_TRACKING_URI, set by `dudch run` locally and by
-a config map on a cluster."""
+a config map on a cluster. The cacheable stages (prepare, teacher) take no per-run input, so
+they cannot know the parent run: they write a `StageRecord` into an output, and a task that is
+never cached logs it (`log_record`), for a reused output as for a fresh one."""
 
 import contextlib
+import json
+import shutil
 import time
+from pathlib import Path
 
 import mlflow
 
@@ -25,10 +30,10 @@ def stage_children(client, parent, stage, bits=None):
 
 
 @contextlib.contextmanager
-def stage_run(parent_run_id, stage, bits=None, params=None):
+def stage_run(parent_run_id, stage, bits=None, params=None, timed=True):
     """Start the child run of `parent_run_id` for this stage and bit length, or resume it when a
     retried task (or a rerun) already made one, so that each stays one row; log `params` on
-    entry and the stage's wall time on exit. Yields the active run."""
+    entry and, if `timed`, the stage's wall time on exit. Yields the active run."""
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_run_id)
     name = f"{stage}-{bits}bits" if bits else stage
@@ -44,7 +49,85 @@ def stage_run(parent_run_id, stage, bits=None, params=None):
             mlflow.log_params(params)
         started = time.perf_counter()
         yield run
-        mlflow.log_metric("stage_wall_time_s", time.perf_counter() - started)
+        if timed:
+            mlflow.log_metric("stage_wall_time_s", time.perf_counter() - started)
+
+
+class StageRecord:
+    """What a cacheable stage logs to MLflow, kept in its `record` output folder: params, metrics
+    with their steps, tags, files at their artifact paths, networks (nets.save files) to log as
+    MLflow PyTorch models, and its input dataset. `save` writes it; `log_record` logs it."""
+
+    def __init__(self, folder, stage, bits=None):
+        self.folder = Path(folder)
+        self.files = self.folder / "files"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.content = dict(stage=stage, bits=bits, params={}, metrics=[], tags={}, models=[],
+                            dataset=None, warnings=[], started=time.time())
+
+    def log_params(self, params):
+        self.content["params"].update(params)
+
+    def log_metrics(self, metrics, step=0):
+        self.content["metrics"] += [[name, float(value), step] for name, value in metrics.items()]
+
+    def set_tags(self, tags):
+        self.content["tags"].update(tags)
+
+    def log_dict(self, obj, artifact_file):
+        (self.files / artifact_file).parent.mkdir(parents=True, exist_ok=True)
+        (self.files / artifact_file).write_text(json.dumps(obj, indent=2, default=str))
+
+    def log_figure(self, figure, artifact_file):
+        (self.files / artifact_file).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(self.files / artifact_file)
+
+    def log_artifact(self, local_path, artifact_path):
+        (self.files / artifact_path).mkdir(parents=True, exist_ok=True)
+        shutil.copy(local_path, self.files / artifact_path)
+
+    def log_model(self, saved_nets, name):
+        shutil.copy(saved_nets, self.folder / f"{name}.pt")
+        self.content["models"].append(name)
+
+    def warn(self, message):
+        """A data warning, shown again whenever the record is logged (a reused output too)."""
+        self.content["warnings"].append(message)
+
+    def log_input(self, uri, name, digest):
+        self.content["dataset"] = dict(uri=str(uri), name=name, digest=digest)
+
+    def save(self):
+        from dudch.storage import save_json
+
+        self.log_metrics({"stage_wall_time_s": time.time() - self.content["started"]})
+        save_json(self.folder / "record.json", {**self.content, "finished": time.time()})
+
+
+def log_record(folder, parent_run_id):
+    """Log a StageRecord's folder as its stage's child run of `parent_run_id`. Returns the
+    record's content."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Metric
+
+    from dudch import nets
+
+    folder = Path(folder)
+    content = json.loads((folder / "record.json").read_text())
+    with stage_run(parent_run_id, content["stage"], content["bits"], content["params"], timed=False) as run:
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value, now, step) for name, value, step in content["metrics"]]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
+        mlflow.set_tags(content["tags"])
+        mlflow.log_artifacts(str(folder / "files"))
+        for name in content["models"]:
+            log_torch_model(nets.load(folder / f"{name}.pt")[0], name)
+        if content["dataset"]:
+            found = content["dataset"]
+            mlflow.log_input(MetaDataset(dataset_source(found["uri"]), name=found["name"], digest=found["digest"]),
+                             context="training")
+    return content
 
 
 def run_link(run):

@@ -80,6 +80,9 @@ def _parser():
     run.add_argument("--keep-runs", type=int, default=10, metavar="N", help="keep the task outputs "
                      "(.dudch/kfp) and logs (.dudch/logs) of the newest N local runs, remove older "
                      "ones (0: keep all)")
+    run.add_argument("--no-cache", action="store_true", help="rerun every task: reuse no prepared "
+                     "data or teacher from an earlier run with the same inputs (the image-feature "
+                     "cache still applies)")
     run.add_argument("--verbose", action="store_true", help="print every task's raw output (KFP's "
                      "executor lines, library warnings) instead of one line per task start and end")
     run.set_defaults(handler=_run)
@@ -183,7 +186,13 @@ def _data_transfer(args):
     print(f"{args.direction}: {moved} files")
 
 
-RUN_INPUTS = ("dataset", "cache_dir", "mlflow_parent_run_id")  # set by `dudch run` itself
+RUN_INPUTS = ("dataset", "cache_dir", "mlflow_parent_run_id", "data_version")  # set by `dudch run` itself
+
+
+def _data_version(pin, run_id):
+    """What prepare is cached by besides its parameters: the data's DVC md5. Data that no pin
+    identifies gets a value of its own (this run's), so its preparation is never reused."""
+    return pin["md5"] or f"unpinned-{run_id}"
 
 
 def _pipeline_parameters(with_run_inputs=False):
@@ -269,10 +278,13 @@ def _run(args):
     os.environ["TMPDIR"] = str(scratch)
     try:
         with contextlib.nullcontext() if args.verbose else console:
+            # Caching as on a cluster: prepare and teacher are reused when their inputs are
+            # identical (and the earlier output still exists, see --keep-runs).
             kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
-                           pipeline_root=str(root / ".dudch" / "kfp"))
+                           pipeline_root=str(root / ".dudch" / "kfp"), enable_caching=not args.no_cache,
+                           cache_root=str(root / ".dudch" / "kfp-cache"))
             dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
-                           mlflow_parent_run_id=run_id, **params)
+                           mlflow_parent_run_id=run_id, data_version=_data_version(pin, run_id), **params)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -355,11 +367,12 @@ def _submit(args):
 
     root = Path.cwd().resolve()
     experiment_id = tracking.connect(root)
+    dataset, pin, data_uri = _resolve_dataset(root, params["dataset"], params, on_this_machine=False)
     if "mlflow_parent_run_id" not in params:
-        dataset, pin, data_uri = _resolve_dataset(root, params["dataset"], params, on_this_machine=False)
         run_params = {k: v for k, v in params.items() if k not in RUN_INPUTS}
         params["mlflow_parent_run_id"] = tracking.start_parent_run(
             root, experiment_id, _with_defaults(run_params), dataset, pin, data_uri)
+    params.setdefault("data_version", _data_version(pin, params["mlflow_parent_run_id"]))
 
     import kfp
 

@@ -115,6 +115,8 @@ class RunConsole:
         elif kind == "warning" and event["message"] not in self._warned:
             self._warned.add(event["message"])
             self._say(f"warning: {event['message']}")
+        elif kind == "note":
+            self._say(event["message"])
         elif kind == "end":
             if key in self._bars:
                 self._bars.pop(key)[0].close()

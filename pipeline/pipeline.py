@@ -8,6 +8,7 @@ from kfp import dsl
 from components.evaluate import evaluate
 from components.finish import finish_run
 from components.prepare import prepare_data
+from components.record import log_stage
 from components.similarity import reconstruct_similarity
 from components.student import train_student
 from components.teacher import train_teacher
@@ -25,6 +26,7 @@ def dudch_pipeline(
     dataset: str,
     cache_dir: str,
     mlflow_parent_run_id: str,
+    data_version: str = "",
     data_repo: str = "",
     data_rev: str = "",
     bits: List[int] = [16, 32, 64, 128],
@@ -67,6 +69,7 @@ def dudch_pipeline(
         dataset: the dataset SOURCE: openclipart, mirflickr25k:DIR, nuswide:DIR, mirflickr25k-zip:FILE or manifest:FILE.
         cache_dir: where decoded and encoded images are cached, by content.
         mlflow_parent_run_id: the MLflow run that the stages log their child runs under.
+        data_version: the data's DVC md5 (unique per run for unpinned data): the prepared data is reused from an earlier run only when it and every prepare parameter are the same.
         data_repo: a git repository whose DVC pin the dataset is fetched from (empty: a local path).
         data_rev: the revision of data_repo (empty: its default branch).
         bits: the code lengths to train, one teacher and student each.
@@ -107,20 +110,24 @@ def dudch_pipeline(
     # its summary, FAILED or KILLED) and tagged with the KFP run id.
     finish = finish_run(mlflow_parent_run_id=mlflow_parent_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     with dsl.ExitHandler(on_cluster(finish.set_display_name("finish MLflow run")), name="dudch"):
-        prepared = prepare_data(dataset=dataset, data_repo=data_repo, data_rev=data_rev,
+        prepared = prepare_data(dataset=dataset, data_version=data_version, data_repo=data_repo, data_rev=data_rev,
                                 cache_dir=cache_dir, seed=seed, max_items=max_items,
                                 min_word_count=min_word_count, min_label_size=min_label_size,
-                                text_features=text_features, image_input=teacher_image_input, mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("prepare data")
+                                text_features=text_features, image_input=teacher_image_input).set_display_name("prepare data")
         with_data(on_cluster(prepared, cache=True))
+        # The cached stages take no run id; these tasks log their records to this run.
+        on_cluster(log_stage(record=prepared.outputs["record"], mlflow_parent_run_id=mlflow_parent_run_id)
+                   .set_display_name("log prepare to MLflow"))
         features = prepared.outputs["features"]
         with dsl.ParallelFor(bits) as k:
             teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
                                     batch_size=teacher_batch_size, beta=beta, eta=eta, mu=mu,
                                     lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
                                     lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
-                                    image_input=teacher_image_input, seed=seed,
-                                    mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("teacher (DJSRH)")
+                                    image_input=teacher_image_input, seed=seed).set_display_name("teacher (DJSRH)")
             on_cluster(teacher, gpu=True, cache=True)
+            on_cluster(log_stage(record=teacher.outputs["record"], mlflow_parent_run_id=mlflow_parent_run_id)
+                       .set_display_name("log teacher to MLflow"))
             similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"], bits=k,
                                                 source=similarity_source, rule=similarity_rule,
                                                 parameter=similarity_parameter,

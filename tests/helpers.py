@@ -17,11 +17,12 @@ def run_pipeline(*args, env):
     return done, done.stdout.split("MLflow parent run ")[1].split()[0], kfp_dir
 
 
-def dudch(*args, env=None, cwd=ROOT, timeout=900):
+def dudch(*args, env=None, cwd=ROOT, timeout=900, reuse=False):
     """Run the real `dudch` console script of this virtualenv; returns the CompletedProcess.
-    A run keeps every earlier run's outputs: tests read theirs back after later runs."""
-    if args[:1] == ("run",) and "--keep-runs" not in args:
-        args = (*args, "--keep-runs", "0")
+    A run keeps every earlier run's outputs (tests read theirs back after later runs) and, unless
+    `reuse`, reuses no task output of an earlier run (whatever ran in this checkout before)."""
+    if args[:1] == ("run",):
+        args = (*args, "--keep-runs", "0") + (() if reuse else ("--no-cache",))
     command = [str(Path(sys.executable).with_name("dudch")), *args]
     return subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)

@@ -88,3 +88,29 @@ def test_a_data_volume_can_be_mounted_on_the_prepare_task(tmp_path):
     assert mount["mountPath"] == "/data" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "openclipart-data"
     _, default = load()
     assert "pvcMount" not in default["exec-prepare-data"]
+
+
+def test_cached_tasks_take_nothing_that_differs_between_runs(tmp_path):
+    """Compiled for two parent runs, prepare and teacher get the same inputs and the same
+    component: a cluster's cache can hit. Their MLflow records are logged by uncached tasks."""
+    from kfp import compiler
+
+    from pipeline.pipeline import dudch_pipeline
+
+    specs = []
+    for parent in ("run-a", "run-b"):
+        out = tmp_path / f"{parent}.yaml"
+        compiler.Compiler().compile(dudch_pipeline, str(out), pipeline_parameters={
+            "mlflow_parent_run_id": parent, "dataset": "openclipart", "cache_dir": "/cache"})
+        spec, _ = load(out)
+        assert spec["root"]["inputDefinitions"]["parameters"]["mlflow_parent_run_id"]["defaultValue"] == parent
+        specs.append(spec)
+    for stage in ("prepare-data", "train-teacher"):
+        tasks = [all_tasks(spec)[stage] for spec in specs]
+        assert tasks[0] == tasks[1] and tasks[0]["cachingOptions"]["enableCache"]
+        assert "mlflow_parent_run_id" not in str(tasks[0]["inputs"])
+        component = tasks[0]["componentRef"]["name"]
+        assert specs[0]["components"][component] == specs[1]["components"][component]
+        assert specs[0]["deploymentSpec"]["executors"][f"exec-{stage}"] == specs[1]["deploymentSpec"]["executors"][f"exec-{stage}"]
+    loggers = [t for t in all_tasks(specs[0]).values() if t["componentRef"]["name"].startswith("comp-log-stage")]
+    assert len(loggers) == 2 and not any(t.get("cachingOptions", {}).get("enableCache") for t in loggers)

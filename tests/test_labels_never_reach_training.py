@@ -86,4 +86,5 @@ def test_only_the_evaluate_task_consumes_labels():
     walk(spec)
     assert consumers == {"evaluate"}
     prepare_outputs = spec["components"]["comp-prepare-data"]["outputDefinitions"]["artifacts"]
-    assert set(prepare_outputs) == {"features", "labels"}
+    # record: what `log_stage` logs to MLflow (counts, encoders, the items' ids and texts; no labels)
+    assert set(prepare_outputs) == {"features", "labels", "record"}

@@ -14,7 +14,7 @@ import pytest
 
 from components.tracking import BITS_TAG, STAGE_TAG, stage_run
 from pipeline import registry, tracking
-from tests.helpers import ROOT
+from tests.helpers import ROOT, dudch
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_ctrl_c_stops_a_local_run_at_once_and_marks_it_killed(tmp_path):
     with open(log, "w") as out:
         run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "300",
                                 "--bits", "16", "--param", "teacher_epochs=1000", "--param", "min_word_count=2",
-                                "--param", "min_label_size=10", "--keep-runs", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                "--param", "min_label_size=10", "--keep-runs", "0", "--no-cache"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True)
         deadline = time.time() + 120
         while "teacher 16b     started" not in log.read_text() and time.time() < deadline:
@@ -93,3 +93,37 @@ def test_ctrl_c_stops_a_local_run_at_once_and_marks_it_killed(tmp_path):
     runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
     statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
     assert statuses["pipeline"] == "KILLED" and "RUNNING" not in statuses.values()
+
+
+def test_a_rerun_that_changes_only_the_student_reuses_prepare_and_teacher_and_logs_them(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # A seed no other test uses, so that the first run computes everything.
+    common = ("--max-items", "300", "--bits", "16", "--seed", "7", "--param", "teacher_epochs=2",
+              "--param", "min_word_count=2", "--param", "min_label_size=10")
+    first = dudch("run", *common, "--param", "student_outer_iterations=2", env=env, reuse=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    second = dudch("run", *common, "--param", "student_outer_iterations=3", env=env, reuse=True)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    for stage in ("prepare", "teacher 16b"):
+        assert f"{stage}: reused the output of an earlier run" in second.stdout
+        assert f"  {stage} " not in second.stdout.replace(f"{stage}:", "")  # not run again
+    assert "  student 16b     started" in second.stdout and "  similarity 16b  started" in second.stdout
+
+    # The new run's MLflow record is complete all the same.
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    parent_id = second.stdout.split("MLflow parent run ")[1].split()[0]
+    experiment = client.get_run(parent_id).info.experiment_id
+    children = {c.data.tags[STAGE_TAG]: c for c in client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    assert set(children) == {"prepare", "teacher", "similarity", "student", "evaluate"}
+    assert all(c.info.status == "FINISHED" for c in children.values())
+    teacher = children["teacher"]
+    assert len(client.get_metric_history(teacher.info.run_id, "loss")) == 2
+    assert teacher.data.params["epochs"] == "2" and teacher.data.metrics["stage_wall_time_s"] > 0
+    assert {a.path for a in client.list_artifacts(teacher.info.run_id)} >= {"plots"}
+    assert [m.name for m in client.search_logged_models([experiment], filter_string=f"source_run_id = '{teacher.info.run_id}'")] == ["teacher"]
+    assert [a.path for a in client.list_artifacts(children["prepare"].info.run_id, "retrieval")] == [
+        "retrieval/encoders.json", "retrieval/items.npz"]
+    assert children["prepare"].data.metrics["items"] > 0
+    assert client.get_run(parent_id).data.metrics["student.i2t.map_50.16b"] > 0

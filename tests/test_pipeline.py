@@ -24,11 +24,11 @@ def test_pipeline_shape_prepare_once_then_a_branch_per_bit_length_then_finish():
     assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert root["finish-run"]["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
     stages = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert set(stages) == {"prepare-data", "for-loop-2"}
+    assert set(stages) == {"prepare-data", "log-stage", "for-loop-2"}
     loop = stages["for-loop-2"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--bits"
     branch = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
-    assert set(branch) == {"train-teacher", "reconstruct-similarity", "train-student", "evaluate"}
+    assert set(branch) == {"train-teacher", "log-stage-2", "reconstruct-similarity", "train-student", "evaluate"}
     assert spec["root"]["inputDefinitions"]["parameters"]["bits"]["defaultValue"] == [16, 32, 64, 128]
 
 
