@@ -249,8 +249,16 @@ def _run(args):
     # here, and the cluster's backoff would cost minutes. A user's setting wins.
     os.environ.setdefault(RETRIES_ENV, "0")
 
-    params = dict(bits=args.bits, max_items=args.max_items, seed=args.seed, **_parse_params(args.param))
+    from pipeline import validate
+
+    flags = dict(bits=args.bits, max_items=args.max_items, seed=args.seed)
+    params = _parse_params(args.param)
+    for name in sorted(set(flags) & set(params)):
+        raise DudchError(f"set {name} with --{name.replace('_', '-')}, not --param {name}=...")
+    params.update(flags)
+    validate.check_parameters(_with_defaults(params))
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
+    validate.check_dataset(dataset, _with_defaults(params))
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
     logs, scratch = root / ".dudch" / "logs" / run_id, root / ".dudch" / "tmp" / run_id
@@ -363,7 +371,9 @@ def _submit(args):
         raise DudchError("--param dataset=SOURCE is required (e.g. manifest:data/own/pairs.jsonl "
                          "with data_repo=GIT_URL and data_rev=REV)")
     params.setdefault("cache_dir", "/tmp/dudch-cache")
-    from pipeline import tracking
+    from pipeline import tracking, validate
+
+    validate.check_parameters(_with_defaults({k: v for k, v in params.items() if k not in RUN_INPUTS}))
 
     root = Path.cwd().resolve()
     experiment_id = tracking.connect(root)
