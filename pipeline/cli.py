@@ -258,7 +258,8 @@ def _run(args):
     params.update(flags)
     validate.check_parameters(_with_defaults(params))
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
-    validate.check_dataset(dataset, _with_defaults(params))
+    if not params.get("data_repo"):  # else the task fetches it: not on this machine yet
+        validate.check_dataset(dataset, _with_defaults(params))
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
     logs, scratch = root / ".dudch" / "logs" / run_id, root / ".dudch" / "tmp" / run_id

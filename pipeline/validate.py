@@ -7,7 +7,7 @@ from dudch.similarity import RULES, SOURCES
 from dudch.student import INITS, OPTIMIZERS
 
 BITS_RANGE = (8, 1024)
-MIN_ITEMS = 50  # fewer leave a split with a handful of queries and training pairs
+MIN_ITEMS = 10  # the fewest that the split (dudch.prepare.make_split) accepts
 
 CHOICES = {"similarity_rule": RULES, "similarity_source": SOURCES, "student_optimizer": OPTIMIZERS,
            "student_init": INITS, "text_features": ("bow", "minilm"),

@@ -76,16 +76,22 @@ def test_ctrl_c_stops_a_local_run_at_once_and_marks_it_killed(tmp_path):
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
         run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "300",
-                                "--bits", "16", "--param", "teacher_epochs=1000", "--param", "min_word_count=2",
+                                "--bits", "16", "--param", "teacher_epochs=100000", "--param", "min_word_count=2",
                                 "--param", "min_label_size=10", "--keep-runs", "0", "--no-cache"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True)
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True,
+                               # As from a terminal: a job started in the background ignores SIGINT.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while "teacher 16b     started" not in log.read_text() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(2)
         interrupted = time.time()
         os.killpg(run.pid, signal.SIGINT)
-        assert run.wait(timeout=60) == 2
+        try:
+            assert run.wait(timeout=60) == 2
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
     assert time.time() - interrupted < 10
     assert log.read_text().strip().splitlines()[-1].startswith("error: stopped by Ctrl-C; MLflow run ")
     assert "Traceback" not in log.read_text()

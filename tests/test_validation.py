@@ -14,7 +14,7 @@ CASES = [
     (("--bits", "100000"), "--bits 100000 is out of range"),
     (("--bits", "16", "16"), "--bits lists 16 more than once"),
     (("--seed", "-1"), "seed must be 0 or more, got -1"),
-    (("--max-items", "3"), "--max-items 3 is too few: a run needs at least 50 items"),
+    (("--max-items", "3"), "--max-items 3 is too few: a run needs at least 10 items"),
     (("--param", "similarity_rule=nonsense"), "similarity_rule='nonsense' is not one of: mutual_knn, union_knn, quantile, graded"),
     (("--param", "seed=3"), "set seed with --seed, not --param"),
     (("--param", "teacher_epochs=0"), "teacher_epochs must be positive, got 0"),
