@@ -21,9 +21,15 @@ def prepare_data(dataset: str, data_version: str, data_repo: str, data_rev: str,
         import tempfile
         from dataclasses import asdict
 
+        import torch
+
         from components.tracking import StageRecord
         from dudch import prepare, sources
         from dudch.storage import SharedCache, save_npz
+
+        # Prepare runs alone, before the parallel stages that `dudch run` caps at a share of
+        # the cores each (OMP_NUM_THREADS): image encoding gets every core.
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
 
         config = prepare.PrepareConfig(seed=seed, max_items=max_items, min_word_count=min_word_count,
                                        min_label_size=min_label_size, text_features=text_features,

@@ -95,7 +95,7 @@ class ImageEncoder:
     def encode(self, images):
         import torch
 
-        with torch.no_grad():
+        with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
             return self.model(x).cpu().numpy().astype(np.float32)
 

@@ -186,7 +186,11 @@ def _images(data, cache_dir, config, progress, shared_cache):
 def _decode(data, config, progress, features_path, pixels_path):
     """Decode every image once; encode the batches into `features_path` and/or keep the pixels
     (white where decoding failed) in `pixels_path`, whichever is given. An image that cannot be
-    decoded is an error unless the source allows skipping (OpenClipart's few broken SVGs)."""
+    decoded is an error unless the source allows skipping (OpenClipart's few broken SVGs).
+    The next batch is decoded in a thread while the network encodes this one (torch releases
+    the GIL), so decoding and encoding overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     encoder = ImageEncoder() if features_path else None
@@ -195,11 +199,14 @@ def _decode(data, config, progress, features_path, pixels_path):
     decoded = np.zeros(n, dtype=bool)
     thumbnails = np.full((n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), 255, dtype=np.uint8)
     pixels = np.full((n, size, size, 3), 255, dtype=np.uint8) if pixels_path else None
+    batches = [np.arange(start, min(start + config.batch_size, n)) for start in range(0, n, config.batch_size)]
     with tqdm(total=n, desc="decode + encode images" if encoder else "decode images",
-              unit="img", disable=progress is not True) as bar:
-        for start in range(0, n, config.batch_size):
-            rows = np.arange(start, min(start + config.batch_size, n))
-            images = data.images.batch(data.rows[rows], size)
+              unit="img", disable=progress is not True) as bar, ThreadPoolExecutor(1) as reader:
+        upcoming = reader.submit(data.images.batch, data.rows[batches[0]], size) if batches else None
+        for number, rows in enumerate(batches):
+            images = upcoming.result()
+            if number + 1 < len(batches):
+                upcoming = reader.submit(data.images.batch, data.rows[batches[number + 1]], size)
             ok = [i for i, image in zip(rows, images) if image is not None]
             if len(ok) < len(rows) and not data.skip_unreadable:
                 bad = next(i for i, image in zip(rows, images) if image is None)
