@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -253,8 +255,9 @@ def _run(args):
 
     flags = dict(bits=args.bits, max_items=args.max_items, seed=args.seed)
     params = _parse_params(args.param)
-    for name in sorted(set(flags) & set(params)):
-        raise DudchError(f"set {name} with --{name.replace('_', '-')}, not --param {name}=...")
+    twice = sorted(set(flags) & set(params))
+    if twice:
+        raise DudchError(f"set {twice[0]} with --{twice[0].replace('_', '-')}, not --param {twice[0]}=...")
     params.update(flags)
     validate.check_parameters(_with_defaults(params))
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
@@ -285,6 +288,7 @@ def _run(args):
     # they land in one folder per run, removed when the run ends.
     scratch.mkdir(parents=True)
     os.environ["TMPDIR"] = str(scratch)
+    handlers = {stop: signal.signal(stop, _interrupt) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         with contextlib.nullcontext() if args.verbose else console:
             # Caching as on a cluster: prepare and teacher are reused when their inputs are
@@ -297,7 +301,7 @@ def _run(args):
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        raise DudchError(f"stopped by Ctrl-C; MLflow run {run_id} is marked KILLED") from None
+        raise DudchError(f"stopped (Ctrl-C or SIGTERM); MLflow run {run_id} is marked KILLED") from None
     except RuntimeError as error:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0][:200]
         if args.verbose:
@@ -310,6 +314,8 @@ def _run(args):
         # kfp 2.17's parallel tasks can leave builtins.print swapped for its indenting one,
         # which indents what follows and breaks importing numba (for the summary).
         builtins.print = plain_print
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
         if tracking.is_running(run_id):  # the pipeline's exit task ends it, unless it never ran
             tracking.finish_parent_run(run_id, status)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -322,10 +328,44 @@ def _run(args):
           f"{tracking.tracking_uri(root)}\n")
 
 
+def _interrupt(signum, frame):
+    """Ctrl-C or `kill`: stop the run now. The local runner waits for its running tasks and then
+    starts the queued ones before it lets go, so every task process is stopped, from now on."""
+    threading.Thread(target=_keep_stopping, daemon=True).start()
+    raise KeyboardInterrupt
+
+
+def _keep_stopping():
+    while True:
+        _stop_descendants()
+        time.sleep(0.2)
+
+
+def _stop_descendants():
+    """SIGTERM every process this one started, and theirs (the tasks' shells and Pythons)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        started = children.get(frontier.pop(), [])
+        found += started
+        frontier += started
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def _keep_latest(folder, count):
     """Remove all but the `count` newest run folders in `folder` (0: keep all)."""
+    if not count or not folder.is_dir():
+        return
     runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    for old in runs[:-count] if count else []:
+    for old in runs[:-count]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -76,7 +76,7 @@ def test_ctrl_c_stops_a_local_run_at_once_and_marks_it_killed(tmp_path):
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
         run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "300",
-                                "--bits", "16", "--param", "teacher_epochs=100000", "--param", "min_word_count=2",
+                                "--bits", "16", "32", "64", "--param", "teacher_epochs=100000", "--param", "min_word_count=2",
                                 "--param", "min_label_size=10", "--keep-runs", "0", "--no-cache"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True,
                                # As from a terminal: a job started in the background ignores SIGINT.
@@ -93,7 +93,7 @@ def test_ctrl_c_stops_a_local_run_at_once_and_marks_it_killed(tmp_path):
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
     assert time.time() - interrupted < 10
-    assert log.read_text().strip().splitlines()[-1].startswith("error: stopped by Ctrl-C; MLflow run ")
+    assert log.read_text().strip().splitlines()[-1].startswith("error: stopped (Ctrl-C or SIGTERM); MLflow run ")
     assert "Traceback" not in log.read_text()
     mlflow.set_tracking_uri(store)
     runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
@@ -133,3 +133,34 @@ def test_a_rerun_that_changes_only_the_student_reuses_prepare_and_teacher_and_lo
         "retrieval/encoders.json", "retrieval/items.npz"]
     assert children["prepare"].data.metrics["items"] > 0
     assert client.get_run(parent_id).data.metrics["student.i2t.map_50.16b"] > 0
+
+
+def test_sigterm_to_dudch_alone_stops_its_tasks_and_marks_the_run_killed(tmp_path):
+    """`kill PID` reaches the CLI only, not its tasks: it stops them itself."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "300",
+                                "--bits", "16", "32", "64", "--param", "teacher_epochs=100000", "--param", "min_word_count=2",
+                                "--param", "min_label_size=10", "--keep-runs", "0", "--no-cache"], cwd=ROOT,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store})
+        try:
+            deadline = time.time() + 120
+            while "teacher 16b     started" not in log.read_text() and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)
+            interrupted = time.time()
+            run.terminate()
+            assert run.wait(timeout=60) == 2
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert time.time() - interrupted < 10
+    assert "MLflow run " in log.read_text().strip().splitlines()[-1] and "KILLED" in log.read_text()
+    left = subprocess.run(["pgrep", "-g", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert left == []  # no task runs on
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
+    statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
+    assert statuses["pipeline"] == "KILLED" and "RUNNING" not in statuses.values()
