@@ -289,6 +289,7 @@ def _run(args):
     scratch.mkdir(parents=True)
     os.environ["TMPDIR"] = str(scratch)
     handlers = {stop: signal.signal(stop, _interrupt) for stop in (signal.SIGINT, signal.SIGTERM)}
+    _adopt_orphans()
     try:
         with contextlib.nullcontext() if args.verbose else console:
             # Caching as on a cluster: prepare and teacher are reused when their inputs are
@@ -301,6 +302,7 @@ def _run(args):
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        _stop_descendants()  # any that the runner's last moments left
         raise DudchError(f"stopped (Ctrl-C or SIGTERM); MLflow run {run_id} is marked KILLED") from None
     except RuntimeError as error:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0][:200]
@@ -333,6 +335,15 @@ def _interrupt(signum, frame):
     starts the queued ones before it lets go, so every task process is stopped, from now on."""
     threading.Thread(target=_keep_stopping, daemon=True).start()
     raise KeyboardInterrupt
+
+
+def _adopt_orphans():
+    """Make this process the parent of its descendants whose parent dies (Linux's child
+    subreaper), so that a task whose shell is stopped first is still found and stopped."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _keep_stopping():
