@@ -74,17 +74,20 @@ class StageRecord:
     def set_tags(self, tags):
         self.content["tags"].update(tags)
 
+    def _artifact(self, artifact_file):
+        """Where the file that MLflow will hold at `artifact_file` is kept until then."""
+        path = self.files / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def log_dict(self, obj, artifact_file):
-        (self.files / artifact_file).parent.mkdir(parents=True, exist_ok=True)
-        (self.files / artifact_file).write_text(json.dumps(obj, indent=2, default=str))
+        self._artifact(artifact_file).write_text(json.dumps(obj, indent=2, default=str))
 
     def log_figure(self, figure, artifact_file):
-        (self.files / artifact_file).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(self.files / artifact_file)
+        figure.savefig(self._artifact(artifact_file))
 
     def log_artifact(self, local_path, artifact_path):
-        (self.files / artifact_path).mkdir(parents=True, exist_ok=True)
-        shutil.copy(local_path, self.files / artifact_path)
+        shutil.copy(local_path, self._artifact(f"{artifact_path}/{Path(local_path).name}"))
 
     def log_model(self, saved_nets, name):
         shutil.copy(saved_nets, self.folder / f"{name}.pt")
