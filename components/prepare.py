@@ -6,7 +6,7 @@ from components import component
 @component
 def prepare_data(dataset: str, data_version: str, data_repo: str, data_rev: str, cache_dir: str, seed: int,
                  max_items: int, min_word_count: int, min_label_size: int, text_features: str,
-                 image_input: str, features: Output[Dataset], labels: Output[Dataset],
+                 image_input: str, on_bad_image: str, max_bad_image_fraction: float, features: Output[Dataset], labels: Output[Dataset],
                  record: Output[Artifact]):
     """A dataset SOURCE (e.g. "manifest:data/own/pairs.jsonl") -> `features` (image and text
     features, split, and the decoded pixels when image_input is "pixels": all that training
@@ -33,7 +33,8 @@ def prepare_data(dataset: str, data_version: str, data_repo: str, data_rev: str,
 
         config = prepare.PrepareConfig(seed=seed, max_items=max_items, min_word_count=min_word_count,
                                        min_label_size=min_label_size, text_features=text_features,
-                                       keep_pixels=image_input == "pixels")
+                                       keep_pixels=image_input == "pixels", on_bad_image=on_bad_image,
+                                       max_bad_image_fraction=max_bad_image_fraction)
         log = StageRecord(record.path, "prepare")
         log.log_params(asdict(config))
         kind, path = sources.parse(dataset)
@@ -53,7 +54,7 @@ def prepare_data(dataset: str, data_version: str, data_repo: str, data_rev: str,
             log.warn(warning)
         prepare.save(features.path, features=feature_data, info=info)
         prepare.save(labels.path, labels=label_data)
-        log.log_metrics({"items": info["items"], "text_dim": info["text_dim"],
+        log.log_metrics({"items": info["items"], "bad_images": len(info["bad_images"]), "text_dim": info["text_dim"],
                          "num_labels": info["num_labels"], "warnings": len(info["warnings"]),
                          **{f"split_{k}": v for k, v in info["split"].items()}})
         log.log_dict(info, "prepare_info.json")

@@ -13,18 +13,74 @@ IMAGE_EXTRACTOR = "efficientnet-lite0"
 IMAGE_FEATURE_DIM = 1280
 
 
+# Decoding is bounded: a file over MAX_IMAGE_BYTES or a raster over MAX_IMAGE_PIXELS is not
+# decoded (PIL's own decompression-bomb guard stays on above them), and large rasters are
+# downscaled while decoding, so no image costs more than a few hundred MB.
+MAX_IMAGE_BYTES = 32 * 2**20
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ENTITY_EXPANSION = 4 * 2**20  # bytes an SVG's internal entities may add when expanded
+_DOCTYPE_SUBSET = re.compile(rb"<!DOCTYPE\s[^\[>]*\[(.*?)\]\s*>", re.S)
+_INTERNAL_ENTITY = re.compile(rb"""<!ENTITY\s+([A-Za-z_][\w.-]*)\s+(?:"([^"&<%]*)"|'([^'&<%]*)')\s*>""")
+_DTD_COMMENT = re.compile(rb"<!--.*?-->", re.S)
+
+
+def expand_internal_entities(svg):
+    """SVG bytes with the internal entities its DTD declares (as Adobe Illustrator writes:
+    `<!ENTITY ns_svg "http://www.w3.org/2000/svg">`) expanded and their declarations removed,
+    so that a parser that refuses entities (cairosvg, for safety) reads it; the rest of the DTD
+    stays. Returns None for what is not safe to expand: external or parameter entities, entity
+    values that hold markup or further references, or an expansion over MAX_ENTITY_EXPANSION
+    bytes."""
+    doctype = _DOCTYPE_SUBSET.search(svg)
+    if doctype is None or b"<!ENTITY" not in doctype.group(1):
+        return svg
+    subset = _DTD_COMMENT.sub(b"", doctype.group(1))
+    entities = {m.group(1): m.group(2) if m.group(2) is not None else m.group(3)
+                for m in _INTERNAL_ENTITY.finditer(subset)}
+    subset = _INTERNAL_ENTITY.sub(b"", subset)
+    if b"<!ENTITY" in subset:
+        return None  # an external or parameter entity, or a value we do not expand
+    body = svg[doctype.end():]
+    growth = sum(body.count(b"&" + name + b";") * len(value) for name, value in entities.items())
+    if growth > MAX_ENTITY_EXPANSION:
+        return None
+    for name, value in entities.items():
+        body = body.replace(b"&" + name + b";", value)
+    start, end = doctype.span(1)
+    return svg[:start] + subset + svg[end:doctype.end()] + body
+
+
+def _bounded_bytes(path_or_bytes):
+    """The bytes of an image file (or the bytes given), or None when over MAX_IMAGE_BYTES or
+    unreadable."""
+    if isinstance(path_or_bytes, bytes):
+        return path_or_bytes if len(path_or_bytes) <= MAX_IMAGE_BYTES else None
+    try:
+        with open(path_or_bytes, "rb") as file:
+            data = file.read(MAX_IMAGE_BYTES + 1)
+    except OSError:
+        return None
+    return data if len(data) <= MAX_IMAGE_BYTES else None
+
+
 def render_svg(path, size=224):
     """Render an SVG file (a path, or its bytes) onto a white `size` x `size` canvas, aspect ratio kept.
 
-    Returns a uint8 array of shape (size, size, 3), or None when the SVG cannot be rendered
-    (cairosvg refuses, for safety, files that declare XML entities).
+    Returns a uint8 array of shape (size, size, 3), or None when the SVG cannot be rendered.
+    Internal entities are expanded first (`expand_internal_entities`); cairosvg refuses
+    external references and any entity left.
     """
     import cairosvg
     from PIL import Image
 
-    source = dict(bytestring=path) if isinstance(path, bytes) else dict(url=str(path))
+    svg = _bounded_bytes(path)
+    svg = expand_internal_entities(svg) if svg is not None else None
+    if svg is None:
+        return None
     try:
-        png = cairosvg.svg2png(**source, output_width=size, background_color="white")
+        # The file's own address resolves its references to itself (gradients by #id).
+        base = {} if isinstance(path, bytes) else dict(url=str(path))
+        png = cairosvg.svg2png(bytestring=svg, **base, output_width=size, background_color="white")
         image = Image.open(io.BytesIO(png)).convert("RGB")
     except Exception:  # cairosvg raises many unrelated types for malformed input
         return None
@@ -39,11 +95,14 @@ IMAGE_SUFFIXES = (".svg",) + RASTER_SUFFIXES
 
 
 def read_image(path_or_bytes, size=224, svg=None):
-    """An image file (or its bytes) as uint8 (size, size, 3), or None when it cannot be decoded.
+    """An image file (or its bytes) as uint8 (size, size, 3), or None when it cannot be decoded
+    or is over the bounds (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS).
 
     SVG drawings are rendered and centred on a white square, aspect ratio kept (`render_svg`);
     photos (PNG, JPEG) are resized to the square, as the Cleared-Set benchmark files are, with
     any transparency flattened onto white. `svg` says which kind bytes are (paths go by suffix).
+    A raster over 4x `size` on its short side is downscaled while decoding (JPEG draft mode,
+    then an integer reduction) before the resize.
     """
     from PIL import Image
 
@@ -51,9 +110,18 @@ def read_image(path_or_bytes, size=224, svg=None):
         svg = str(path_or_bytes).lower().endswith(".svg")
     if svg:
         return render_svg(path_or_bytes, size)
+    data = _bounded_bytes(path_or_bytes)
+    if data is None:
+        return None
     try:
-        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-        with Image.open(source) as image:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return None
+            factor = min(image.width, image.height) // (4 * size)
+            if factor > 1:
+                image.draft("RGB", (image.width // factor, image.height // factor))
+                factor = min(image.width, image.height) // (4 * size)
+                image = image.reduce(factor) if factor > 1 else image
             image = image.convert("RGBA")
             canvas = Image.new("RGBA", image.size, "white")
             canvas.alpha_composite(image)

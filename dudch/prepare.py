@@ -15,9 +15,13 @@ import numpy as np
 
 from dudch import DudchError, sources
 from dudch.features import IMAGE_EXTRACTOR, IMAGE_FEATURE_DIM, MINILM_DIM, ImageEncoder, encode_text
-from dudch.storage import save_json, save_npy, save_npz
+from dudch.storage import save_json, save_npy, save_npz, sha256_of
 
 THUMBNAIL_SIZE = 64  # the images evaluation shows in its retrieval-examples grid
+BAD_IMAGE_POLICIES = ("skip", "fail")
+# Part of the image cache keys: how images are decoded. "entities" since SVGs with internal
+# entities (Illustrator exports) are rendered instead of left out.
+DECODER = "entities"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class PrepareConfig:
     batch_size: int = 64
     keep_pixels: bool = False  # also output the decoded images (for teacher fine-tuning)
     text_features: str = "bow"  # "bow" or "minilm" (sentence embeddings)
+    on_bad_image: str = "skip"  # "skip": leave undecodable images out and list them; "fail"
+    max_bad_image_fraction: float = 0.1  # skip: fail anyway when more than this share is bad
 
 
 def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cache=None):
@@ -56,15 +62,21 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cac
         data = data.subset(np.arange(min(config.max_items, len(data))))
     warnings = data.warnings
 
+    bad_images = []
+    if config.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise DudchError(f"unknown on_bad_image {config.on_bad_image!r}; use skip or fail")
     if data.images is None:
         if config.keep_pixels:
             raise DudchError(f"{source} gives image features, not images: the teacher cannot "
                              f"fine-tune on pixels; use teacher_image_input=features")
         image, pixels, thumbnails = data.image_features, None, None
     else:
-        image, rendered, thumbnails, pixels = _images(data, cache_dir, config, progress, shared_cache)
-        if not rendered.all():
-            warnings.append(f"{int((~rendered).sum())} images could not be decoded and were left out")
+        image, rendered, thumbnails, pixels = _images(data, cache_dir, config, progress, shared_cache, warnings)
+        bad_images = _bad_image_policy(data, rendered, config)
+        if bad_images:
+            shown = ", ".join(bad_images[:3]) + (f" and {len(bad_images) - 3} more" if len(bad_images) > 3 else "")
+            warnings.append(f"{len(bad_images)} images could not be decoded and were left out "
+                            f"(on_bad_image=skip; all listed in prepare_info.json): {shown}")
             data = data.subset(rendered)
             image, thumbnails = image[rendered], thumbnails[rendered]
             pixels = pixels[rendered] if pixels is not None else None
@@ -84,7 +96,7 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cac
         label_data["thumbnail"] = thumbnails
     info = dict(dataset=data.kind, source=str(source), digest=_digest(features), items=len(data), image_dim=int(image.shape[1]),
                 text_dim=int(text.shape[1]), num_labels=int(labels.shape[1]),
-                split={k: len(v) for k, v in split.items()}, warnings=warnings,
+                split={k: len(v) for k, v in split.items()}, warnings=warnings, bad_images=bad_images,
                 config=asdict(config), vocabulary_head=vocabulary[:20],
                 encoders=_encoders(data, config, vocabulary))
     return features, label_data, info
@@ -127,9 +139,6 @@ def describe(source, config=PrepareConfig()):
         size = stored[1:] if stored else (config.image_size, config.image_size, 3)
         image = dict(kind="pixels", shape=[len(data), *map(int, size)])
     warnings = list(data.warnings)
-    if data.skip_unreadable:
-        warnings.append("images are not decoded here: any that cannot be decoded will be left out "
-                        "by prepare, so n may shrink")
     if config.text_features == "minilm" and data.texts is not None:
         text_width = MINILM_DIM  # without running the sentence model
     else:
@@ -162,31 +171,79 @@ def _cache_key(content_keys, **settings):
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def _images(data, cache_dir, config, progress, shared_cache):
+def _bad_image_policy(data, decoded, config):
+    """The paths of the images that could not be decoded, when the policy lets the run go on
+    without them; else a DudchError naming them."""
+    bad = np.flatnonzero(~decoded)
+    if not len(bad):
+        return []
+    if config.on_bad_image == "fail":
+        raise DudchError(f"cannot decode image {data.path[bad[0]]} (item {data.item_id[bad[0]]}) and "
+                         f"{len(bad) - 1} more; replace or remove them, or pass --param on_bad_image=skip")
+    if len(bad) > config.max_bad_image_fraction * len(data):
+        raise DudchError(f"{len(bad)} of {len(data)} images cannot be decoded (first {data.path[bad[0]]}), "
+                         f"more than max_bad_image_fraction={config.max_bad_image_fraction} allows; check "
+                         f"the data, or raise the fraction with --param max_bad_image_fraction=...")
+    return data.path[bad].tolist()
+
+
+def _images(data, cache_dir, config, progress, shared_cache, warnings):
     """(features float32 (n, 1280), decoded bool (n,), thumbnails uint8 (n, 64, 64, 3), pixels
-    uint8 (n, size, size, 3) when config.keep_pixels else None). All are cached by the images' content keys and the
-    extractor settings (pixels as a memory-mappable .npy); whatever the cache lacks is
-    computed in one decoding pass."""
+    uint8 (n, size, size, 3) when config.keep_pixels else None). All are cached by the images'
+    content keys and the extractor settings (pixels as a memory-mappable .npy); whatever the
+    cache lacks is computed in one decoding pass. Each cache entry has a seal (`_seal`): an
+    entry that does not match it is reported in `warnings`, discarded and computed again."""
     cache = Path(cache_dir)
     keys = data.content_keys
-    features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]', thumbnail=THUMBNAIL_SIZE)}.npz"
-    pixels_path = cache / f"pixels-{_cache_key(keys, size=config.image_size)}.npy"
-    wanted = [features_path] + ([pixels_path] if config.keep_pixels else [])
-    missing = [path for path in wanted if not path.exists() and not (shared_cache and shared_cache.fetch(path))]
+    features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]', thumbnail=THUMBNAIL_SIZE, decoder=DECODER)}.npz"
+    pixels_path = cache / f"pixels-{_cache_key(keys, size=config.image_size, decoder=DECODER)}.npy"
+    items = hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()
+    missing = []
+    for path in [features_path] + ([pixels_path] if config.keep_pixels else []):
+        if not path.exists() and not (shared_cache and shared_cache.fetch(path) and shared_cache.fetch(_seal_path(path))):
+            missing.append(path)
+        elif problem := _seal_problem(path, items):
+            warnings.append(f"feature cache entry {path} {problem}: discarded and computed again")
+            path.unlink()
+            missing.append(path)
     if missing:
         _decode(data, config, progress, features_path if features_path in missing else None,
                 pixels_path if pixels_path in missing else None)
-        for path in missing if shared_cache else []:
-            shared_cache.store(path)
+        for path in missing:
+            _seal(path, items)
+            for stored in (path, _seal_path(path)) if shared_cache else ():
+                shared_cache.store(stored)
     with np.load(features_path) as cached:
         features, decoded, thumbnails = cached["features"], cached["rendered"], cached["thumbnails"]
     return features, decoded, thumbnails, np.load(pixels_path, mmap_mode="r") if config.keep_pixels else None
 
 
+def _seal_path(path):
+    return path.with_name(path.name + ".seal.json")
+
+
+def _seal(path, items):
+    """Record beside a cache entry the SHA-256 of its bytes and of the item list it holds."""
+    save_json(_seal_path(path), dict(sha256=sha256_of(path), items=items))
+
+
+def _seal_problem(path, items):
+    """Why the cache entry at `path` cannot be trusted, or None when it matches its seal."""
+    try:
+        seal = json.loads(_seal_path(path).read_text())
+    except (OSError, ValueError):
+        return "has no readable seal"
+    if seal.get("items") != items:
+        return "was made for other items"
+    if seal.get("sha256") != sha256_of(path):
+        return "is corrupt (its content does not match its checksum)"
+    return None
+
+
 def _decode(data, config, progress, features_path, pixels_path):
     """Decode every image once; encode the batches into `features_path` and/or keep the pixels
-    (white where decoding failed) in `pixels_path`, whichever is given. An image that cannot be
-    decoded is an error unless the source allows skipping (OpenClipart's few broken SVGs).
+    (white where decoding failed) in `pixels_path`, whichever is given. With on_bad_image=fail
+    the first image that cannot be decoded stops it.
     The next batch is decoded in a thread while the network encodes this one (torch releases
     the GIL), so decoding and encoding overlap."""
     from concurrent.futures import ThreadPoolExecutor
@@ -208,10 +265,10 @@ def _decode(data, config, progress, features_path, pixels_path):
             if number + 1 < len(batches):
                 upcoming = reader.submit(data.images.batch, data.rows[batches[number + 1]], size)
             ok = [i for i, image in zip(rows, images) if image is not None]
-            if len(ok) < len(rows) and not data.skip_unreadable:
+            if len(ok) < len(rows) and config.on_bad_image == "fail":
                 bad = next(i for i, image in zip(rows, images) if image is None)
                 raise DudchError(f"cannot decode image {data.path[bad]} (item {data.item_id[bad]}); "
-                                 f"replace or remove it")
+                                 f"replace or remove it, or pass --param on_bad_image=skip")
             if ok:
                 batch = np.stack([image for image in images if image is not None])
                 decoded[ok] = True

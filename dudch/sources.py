@@ -57,7 +57,6 @@ class Source:
     drop_words: tuple = ()
     labels: np.ndarray = None
     label_names: list = field(default_factory=list)
-    skip_unreadable: bool = False  # drop images that cannot be decoded (else: error)
     warnings: list = field(default_factory=list)
     rows: np.ndarray = None
 
@@ -151,7 +150,7 @@ def _openclipart(root, min_label_size):
     return Source(kind="openclipart", item_id=np.array(ids), path=paths, content_keys=np.array(ids),
                   images=FileImages([root / p for p in paths]), texts=[it["tags"] for it in items],
                   drop_words=tuple(openclipart.folder_words(d.path for d in drawings)),
-                  labels=labels, label_names=label_names, skip_unreadable=True)
+                  labels=labels, label_names=label_names)
 
 
 def _multi_hot(label_lists, label_names):

@@ -35,6 +35,8 @@ def dudch_pipeline(
     min_word_count: int = P.min_word_count,
     min_label_size: int = P.min_label_size,
     text_features: str = P.text_features,
+    on_bad_image: str = P.on_bad_image,
+    max_bad_image_fraction: float = P.max_bad_image_fraction,
     teacher_epochs: int = T.epochs,
     teacher_batch_size: int = T.batch_size,
     beta: float = T.beta,
@@ -78,6 +80,8 @@ def dudch_pipeline(
         min_word_count: a text word enters the bag of words when this many items use it.
         min_label_size: OpenClipart: a category folder becomes a label at this many drawings.
         text_features: bow (bag of words over tags) or minilm (sentence embeddings).
+        on_bad_image: skip (leave images that cannot be decoded out, list them in the warnings and MLflow) or fail.
+        max_bad_image_fraction: with skip, fail anyway when more than this share of the images cannot be decoded.
         teacher_epochs: DJSRH training epochs (DJSRH: 80).
         teacher_batch_size: DJSRH batch size (DJSRH: 32).
         beta: DJSRH weight of the image affinity in the joint affinity (MIRFLICKR 0.9, NUS-WIDE 0.6).
@@ -113,7 +117,8 @@ def dudch_pipeline(
         prepared = prepare_data(dataset=dataset, data_version=data_version, data_repo=data_repo, data_rev=data_rev,
                                 cache_dir=cache_dir, seed=seed, max_items=max_items,
                                 min_word_count=min_word_count, min_label_size=min_label_size,
-                                text_features=text_features, image_input=teacher_image_input).set_display_name("prepare data")
+                                text_features=text_features, image_input=teacher_image_input,
+                                on_bad_image=on_bad_image, max_bad_image_fraction=max_bad_image_fraction).set_display_name("prepare data")
         with_data(on_cluster(prepared, cache=True))
         # The cached stages take no run id; these tasks log their records to this run.
         on_cluster(log_stage(record=prepared.outputs["record"], mlflow_parent_run_id=mlflow_parent_run_id)

@@ -3,6 +3,7 @@ one line, not a failed task minutes later. (The stages check their inputs again:
 they may be given other values.)"""
 
 from dudch import DudchError
+from dudch.prepare import BAD_IMAGE_POLICIES
 from dudch.similarity import RULES, SOURCES
 from dudch.student import INITS, OPTIMIZERS
 
@@ -11,13 +12,13 @@ MIN_ITEMS = 10  # the fewest that the split (dudch.prepare.make_split) accepts
 
 CHOICES = {"similarity_rule": RULES, "similarity_source": SOURCES, "student_optimizer": OPTIMIZERS,
            "student_init": INITS, "text_features": ("bow", "minilm"),
-           "teacher_image_input": ("features", "pixels")}
+           "teacher_image_input": ("features", "pixels"), "on_bad_image": BAD_IMAGE_POLICIES}
 POSITIVE = ("teacher_epochs", "teacher_batch_size", "student_outer_iterations", "student_inner_epochs",
             "omega_size", "student_batch_size", "lr_image", "lr_text", "student_lr", "min_word_count",
             "min_label_size", "mu")
 NON_NEGATIVE = ("seed", "max_items", "student_lr_step", "similarity_parameter", "gamma", "eta",
                 "lambda1", "lambda2", "momentum", "weight_decay", "student_weight_decay")
-UNIT_INTERVAL = ("beta",)  # [0, 1]
+UNIT_INTERVAL = ("beta", "max_bad_image_fraction")  # [0, 1]
 OPEN_FRACTIONS = ("similarity_related_fraction",)  # (0, 1)
 
 
@@ -60,7 +61,8 @@ def check_dataset(source, params):
     from dudch.prepare import PrepareConfig, describe, make_split
 
     config = PrepareConfig(seed=params["seed"], min_word_count=params["min_word_count"],
-                           min_label_size=params["min_label_size"], text_features=params["text_features"])
+                           min_label_size=params["min_label_size"], text_features=params["text_features"],
+                           on_bad_image=params["on_bad_image"])
     summary = describe(source, config)
     n = min(summary["n"], params["max_items"]) if params["max_items"] else summary["n"]
     if n < MIN_ITEMS:

@@ -60,7 +60,7 @@ def test_a_failing_task_reports_its_error_and_log_tail_without_a_traceback(tmp_p
     pixels, _, _, tags = datasets.real_items(openclipart_root, 12)
     path = datasets.manifest(tmp_path / "own", pixels, [" ".join(t) for t in tags])
     (tmp_path / "own" / "images" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    done = dudch("run", "--dataset", f"manifest:{path}", "--bits", "16",
+    done = dudch("run", "--dataset", f"manifest:{path}", "--bits", "16", "--param", "on_bad_image=fail",
                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert done.returncode == 2
     error = done.stderr.strip().splitlines()[-1]

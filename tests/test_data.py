@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dudch import DudchError, openclipart, sources
-from dudch.features import bag_of_words, render_svg
+from dudch.features import bag_of_words, expand_internal_entities, read_image, render_svg
 from dudch.prepare import PrepareConfig, make_split
 from pipeline.data import ensure_openclipart, workspace_matches_pin
 from tests.helpers import ROOT, dudch
@@ -35,6 +35,46 @@ def test_render_keeps_aspect_on_a_white_canvas(tmp_path):
     assert (pixels[16, 0] == 255).all() and pixels[16, 16, 0] == 255 and pixels[16, 16, 1] < 50
     (tmp_path / "bad.svg").write_bytes(b"<svg")
     assert render_svg(tmp_path / "bad.svg") is None
+
+
+ILLUSTRATOR_SVG = b"""<?xml version="1.0"?>
+<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd" [
+  <!ENTITY ns_svg "http://www.w3.org/2000/svg">
+  <!-- Illustrator writes these in every export -->
+  <!ENTITY ns_flows 'http://ns.adobe.com/Flows/1.0/'>
+  <!ENTITY fill "red">
+]>
+<svg xmlns="&ns_svg;" xmlns:x="&ns_flows;" width="10" height="20"><rect width="10" height="20" fill="&fill;"/></svg>"""
+
+
+def test_svg_internal_entities_are_expanded_and_unsafe_ones_refused(tmp_path):
+    (tmp_path / "plain.svg").write_bytes(SVG)
+    (tmp_path / "illustrator.svg").write_bytes(ILLUSTRATOR_SVG)
+    np.testing.assert_array_equal(render_svg(tmp_path / "illustrator.svg", 32), render_svg(tmp_path / "plain.svg", 32))
+    external = ILLUSTRATOR_SVG.replace(b'<!ENTITY fill "red">', b'<!ENTITY fill SYSTEM "file:///etc/passwd">')
+    parameter = ILLUSTRATOR_SVG.replace(b'<!ENTITY fill "red">', b'<!ENTITY % fill "red">')
+    nested = ILLUSTRATOR_SVG.replace(b'<!ENTITY fill "red">', b'<!ENTITY fill "&ns_svg;">')
+    bomb = ILLUSTRATOR_SVG.replace(b'<!ENTITY fill "red">', b'<!ENTITY fill "' + b"x" * 1000 + b'">').replace(
+        b"</svg>", b"<desc>" + b"&fill;" * 5000 + b"</desc></svg>")
+    for svg in (external, parameter, nested, bomb):
+        assert expand_internal_entities(svg) is None and render_svg(svg) is None
+    assert expand_internal_entities(SVG) is SVG
+
+
+def test_decoding_is_bounded(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dudch import features
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (4000, 3000), "red").save(big)
+    pixels = read_image(big, 32)
+    assert pixels.shape == (32, 32, 3) and (pixels[..., 0] > 250).all() and (pixels[..., 1] < 5).all()
+    monkeypatch.setattr(features, "MAX_IMAGE_PIXELS", 4000 * 3000 - 1)
+    assert read_image(big, 32) is None  # refused before its pixels are decoded
+    monkeypatch.setattr(features, "MAX_IMAGE_BYTES", big.stat().st_size - 1)
+    assert read_image(big.read_bytes(), 32, svg=False) is None
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's decompression-bomb guard stays on
 
 
 def test_split_is_seeded_disjoint_and_scaled():

@@ -3,6 +3,7 @@ input gives one clear line."""
 
 import json
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -197,12 +198,44 @@ def test_bad_manifests(tmp_path, items):
     _one_line_error(f"manifest:{path}", "pairs.jsonl:5", 'no "image"')
 
 
-def test_an_unreadable_image_stops_prepare_with_its_name(tmp_path, items):
+def test_undecodable_images_are_skipped_and_listed_or_fail_by_policy(tmp_path, items):
     path = datasets.manifest(tmp_path / "own", items["pixels"][:12], ["a b"] * 12)
     (tmp_path / "own" / "images" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(DudchError, match=r"cannot decode image images/3.png"):
+    features, _, info = prepare.prepare(f"manifest:{path}", tmp_path / "cache", CONFIG, progress=False)
+    assert len(features["item_id"]) == 11 and "3" not in features["item_id"].tolist()
+    assert info["bad_images"] == ["images/3.png"]
+    assert any(w.startswith("1 images could not be decoded and were left out (on_bad_image=skip") and
+               w.endswith(": images/3.png") for w in info["warnings"])
+    fail = replace(CONFIG, on_bad_image="fail")
+    with pytest.raises(DudchError, match=r"cannot decode image images/3.png .*on_bad_image=skip"):
+        prepare.prepare(f"manifest:{path}", tmp_path / "cache", fail, progress=False)
+    with pytest.raises(DudchError, match=r"cannot decode image images/3.png .*on_bad_image=skip"):
+        prepare.prepare(f"manifest:{path}", tmp_path / "fresh", fail, progress=False)
+    assert not list((tmp_path / "fresh").glob("image-features-*"))  # nothing half-written
+    for name in ("5.png", "7.png"):
+        (tmp_path / "own" / "images" / name).write_bytes(b"not an image")
+    with pytest.raises(DudchError, match=r"3 of 12 images cannot be decoded .*max_bad_image_fraction=0.1"):
         prepare.prepare(f"manifest:{path}", tmp_path / "cache", CONFIG, progress=False)
-    assert not list((tmp_path / "cache").glob("image-features-*"))  # nothing half-written
+
+
+def test_a_cache_entry_that_does_not_match_its_seal_is_discarded_and_recomputed(tmp_path, items):
+    path = datasets.manifest(tmp_path / "own", items["pixels"][:12], ["a b"] * 12)
+    first, _, info = prepare.prepare(f"manifest:{path}", tmp_path / "cache", CONFIG, progress=False)
+    (entry,) = (tmp_path / "cache").glob("image-features-*.npz")
+    with np.load(entry) as saved:
+        reversed_rows = {k: saved[k][::-1] for k in saved.files}
+    damages = {"truncated": lambda: entry.write_bytes(entry.read_bytes()[:200]),
+               "rows reversed": lambda: np.savez_compressed(entry, **reversed_rows)}
+    for damage in damages.values():
+        damage()
+        again, _, info = prepare.prepare(f"manifest:{path}", tmp_path / "cache", CONFIG, progress=False)
+        (warning,) = [w for w in info["warnings"] if "feature cache entry" in w]
+        assert warning == f"feature cache entry {entry} is corrupt (its content does not match its checksum): discarded and computed again"
+        np.testing.assert_array_equal(again["image"], first["image"])
+    seal = entry.with_name(entry.name + ".seal.json")
+    seal.write_text(seal.read_text().replace('"items": "', '"items": "0'))
+    _, _, info = prepare.prepare(f"manifest:{path}", tmp_path / "cache", CONFIG, progress=False)
+    assert any(w.endswith("was made for other items: discarded and computed again") for w in info["warnings"])
 
 
 def test_corrupt_zip(tmp_path):
