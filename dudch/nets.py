@@ -1,5 +1,6 @@
 """The hashing networks shared by teacher and student, their persistence, and `sign`."""
 
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dudch import DudchError
+from dudch import DudchError, first_line
 
 
 def default_device():
@@ -122,13 +123,18 @@ def save(path, nets, config):
 
 
 def load(path):
-    """(HashNets in eval mode, config dict) from a file written by `save`."""
+    """(HashNets in eval mode, config dict) from a file written by `save`. Only tensors and
+    plain values are read (`weights_only`): a file that holds anything else, code included, is
+    refused, not run."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise DudchError(f"cannot load model {path} ({error}); rerun the stage that trains it") from None
-    nets = HashNets(**saved["dims"])
-    nets.load_state_dict(saved["state_dict"])
+        nets = HashNets(**saved["dims"])
+        nets.load_state_dict(saved["state_dict"])
+    except pickle.UnpicklingError:
+        raise DudchError(f"refused to load model {path}: it holds objects other than tensors and "
+                         f"plain values (not a file dudch wrote); rerun the stage that trains it") from None
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError) as error:
+        raise DudchError(f"cannot load model {path} ({first_line(error)}); rerun the stage that trains it") from None
     return nets.eval(), saved["config"]
 
 
@@ -152,7 +158,8 @@ def save_checkpoint(path, step, nets, optimiser, rng, **arrays):
 
     with atomic_file(path) as tmp:
         torch.save(dict(step=step, nets=nets.state_dict(), optimiser=optimiser.state_dict(),
-                        rng=rng.bit_generator.state, arrays=arrays), tmp)
+                        rng=rng.bit_generator.state,
+                        arrays={k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}), tmp)
 
 
 def resume(path, nets, optimiser, rng):
@@ -160,8 +167,8 @@ def resume(path, nets, optimiser, rng):
     (the step to start from, the saved arrays), or (0, {}) when there is none."""
     if path is None or not Path(path).exists():
         return 0, {}
-    saved = torch.load(path, map_location=next(nets.parameters()).device, weights_only=False)
+    saved = torch.load(path, map_location=next(nets.parameters()).device, weights_only=True)
     nets.load_state_dict(saved["nets"])
     optimiser.load_state_dict(saved["optimiser"])
     rng.bit_generator.state = saved["rng"]
-    return saved["step"] + 1, saved["arrays"]
+    return saved["step"] + 1, {k: v.cpu().numpy() for k, v in saved["arrays"].items()}
