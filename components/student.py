@@ -20,7 +20,7 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
         import mlflow
         import numpy as np
 
-        from components.tracking import log_torch_model, stage_run
+        from components.tracking import log_networks, stage_run
         from dudch import nets, prepare
         from dudch.evaluate import plot_losses
         from dudch.similarity import SimilarityGraph
@@ -53,7 +53,7 @@ def train_student(features: Input[Dataset], similarity: Input[Dataset], bits: in
                                  config, on_iteration=log_iteration, checkpoint=checkpoint)
             nets.save(os.path.join(student.path, "model.pt"), trained, config)
             save_npz(os.path.join(student.path, "codes.npz"), codes=codes, item_id=data["item_id"][database])
-            log_torch_model(trained, "student")
+            log_networks(os.path.join(student.path, "model.pt"), "student")
             for name in ("model.pt", "codes.npz"):  # what `dudch promote` packages
                 mlflow.log_artifact(os.path.join(student.path, name), "retrieval")
             mlflow.log_figure(plot_losses(history, f"student (DCC), {bits} bits"), f"plots/losses_{bits}bits.png")

@@ -113,8 +113,6 @@ def log_record(folder, parent_run_id):
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Metric
 
-    from dudch import nets
-
     folder = Path(folder)
     content = json.loads((folder / "record.json").read_text())
     with stage_run(parent_run_id, content["stage"], content["bits"], content["params"], timed=False) as run:
@@ -125,7 +123,7 @@ def log_record(folder, parent_run_id):
         mlflow.set_tags(content["tags"])
         mlflow.log_artifacts(str(folder / "files"))
         for name in content["models"]:
-            log_torch_model(nets.load(folder / f"{name}.pt")[0], name)
+            log_networks(folder / f"{name}.pt", name)
         if content["dataset"]:
             found = content["dataset"]
             mlflow.log_input(MetaDataset(dataset_source(found["uri"]), name=found["name"], digest=found["digest"]),
@@ -141,14 +139,14 @@ def run_link(run):
     return f"{run.info.run_id} in {uri}"
 
 
-def log_torch_model(nets, name):
-    """Log networks as an MLflow PyTorch model. Requirements are given rather than inferred:
-    inference would import and run the model in a subprocess, slow and fragile."""
-    import mlflow.pytorch
+def log_networks(saved_nets, name):
+    """Log a networks file (`dudch.nets.save`: a state dict) as an MLflow model that the
+    installed `pipeline.serving` loads: nothing pickled, no code in the store. Requirements are
+    given rather than inferred: inference would import and run the model in a subprocess."""
     import torch
 
-    mlflow.pytorch.log_model(nets, name=name, serialization_format="pickle",
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dudch"])
+    mlflow.pyfunc.log_model(name=name, loader_module="pipeline.serving", data_path=str(saved_nets),
+                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dudch"])
 
 
 def dataset_source(uri):

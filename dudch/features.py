@@ -100,13 +100,16 @@ def read_image(path_or_bytes, size=224, svg=None):
 
     SVG drawings are rendered and centred on a white square, aspect ratio kept (`render_svg`);
     photos (PNG, JPEG) are resized to the square, as the Cleared-Set benchmark files are, with
-    any transparency flattened onto white. `svg` says which kind bytes are (paths go by suffix).
+    any transparency flattened onto white. `svg` says whether it is an SVG (default: paths by
+    suffix, bytes by their first character).
     A raster over 4x `size` on its short side is downscaled while decoding (JPEG draft mode,
     then an integer reduction) before the resize.
     """
     from PIL import Image
 
-    if svg is None:
+    if svg is None and isinstance(path_or_bytes, bytes):
+        svg = path_or_bytes.lstrip()[:1] == b"<"  # XML; PNG and JPEG start with binary magic
+    elif svg is None:
         svg = str(path_or_bytes).lower().endswith(".svg")
     if svg:
         return render_svg(path_or_bytes, size)

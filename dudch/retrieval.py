@@ -87,8 +87,8 @@ class Retriever:
         self._image_encoder = None
 
     def encode(self, texts=None, images=None, text_features=None, image_features=None):
-        """Codes int8 (n, bits) for exactly one kind of query: raw texts (list of str), image
-        files (list of paths), or feature rows (n, d) of either modality."""
+        """Codes int8 (n, bits) for exactly one kind of query: raw texts (list of str), images
+        (list of file paths or of the files' bytes), or feature rows (n, d) of either modality."""
         given = {k: v for k, v in dict(texts=texts, images=images, text_features=text_features,
                                        image_features=image_features).items() if v is not None}
         if len(given) != 1:
@@ -148,7 +148,7 @@ class Retriever:
         raise DudchError("this model was trained on given text features, not text: query with "
                          "text feature rows instead")
 
-    def _image_features(self, paths):
+    def _image_features(self, images):
         from dudch.features import ImageEncoder, read_image
 
         spec = self.encoders["image"]
@@ -156,13 +156,14 @@ class Retriever:
             raise DudchError("this model was trained on given image features, not images: query "
                              "with image feature rows instead")
         pixels = []
-        for path in paths:
-            if not Path(path).is_file():
-                raise DudchError(f"image {path} not found")
-            image = read_image(path, spec["size"])
-            if image is None:
-                raise DudchError(f"cannot decode image {path}; PNG, JPEG or SVG")
-            pixels.append(image)
+        for number, image in enumerate(images):
+            name = f"image {image}" if not isinstance(image, bytes) else f"image {number}"
+            if not isinstance(image, bytes) and not Path(image).is_file():
+                raise DudchError(f"{name} not found")
+            decoded = read_image(image, spec["size"])
+            if decoded is None:
+                raise DudchError(f"cannot decode {name}; PNG, JPEG or SVG (up to 32 MiB, 64 megapixels)")
+            pixels.append(decoded)
         if self._image_encoder is None:
             self._image_encoder = ImageEncoder()
         return self._image_encoder.encode(np.stack(pixels))

@@ -12,15 +12,13 @@ import pandas as pd
 
 from components.tracking import stage_children
 from dudch import DudchError, first_line
+from pipeline import serving
 from pipeline.tracking import KIND_TAG, report
-
-from pipeline.retrieval_model import RetrievalModel
 
 MODEL_NAME = "dudch"
 ALIAS = "production"
 # The student's mAP@50 (DJSRH's metric) and mAP@all in both directions, keyed "map_50.i2t".
 GATE_METRICS = tuple(f"{metric}.{direction}" for metric in ("map_50", "map_all") for direction in ("i2t", "t2i"))
-MODEL_CODE = Path(__file__).with_name("retrieval_model.py")  # logged as MLflow "models from code"
 
 
 def _signature():
@@ -31,7 +29,8 @@ def _signature():
     def column(kind, name):
         return ColSpec(kind, name, required=False)
 
-    inputs = Schema([column(DataType.string, "text"), column(DataType.string, "image"),
+    inputs = Schema([column(DataType.string, "text"), column(DataType.string, "image_b64"),
+                     column(DataType.string, "image"),
                      column(Array(DataType.double), "text_features"),
                      column(Array(DataType.double), "image_features")])
     outputs = Schema([ColSpec(DataType.string, "code"), column(Array(DataType.string), "ids"),
@@ -123,15 +122,15 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
     commit = {k: v for k, v in parent.data.tags.items() if k == "mlflow.source.git.commit"}
     with tempfile.TemporaryDirectory() as tmp:
         retriever_dir = build(client, parent, bits, tmp)
-        probe = RetrievalModel()  # a loaded copy to check the model before it is logged
-        probe.load_context(type("Context", (), {"artifacts": {"retriever": str(retriever_dir)}})())
+        probe = serving._load_pyfunc(retriever_dir)  # a loaded copy to check the model before it is logged
         example = _input_example(probe.retriever)
-        probe.predict(None, example, {"top_k": 1})  # fails here, not in production, if broken
+        probe.predict(example, {"top_k": 1})  # fails here, not in production, if broken
         with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=f"promote-{bits}bits",
                               parent_run_id=parent.info.run_id,
                               tags={KIND_TAG: "promotion", "dudch.bits": str(bits), **commit}):
+            # Data only (`retriever_dir`); the installed `pipeline.serving` reads it.
             logged = mlflow.pyfunc.log_model(
-                name="retrieval", python_model=str(MODEL_CODE), artifacts={"retriever": str(retriever_dir)},
+                name="retrieval", loader_module=serving.LOADER_MODULE, data_path=str(retriever_dir),
                 signature=SIGNATURE, input_example=example, pip_requirements=_requirements())
     try:
         client.create_registered_model(name)
@@ -179,23 +178,38 @@ def _requirements():
     return [f"{p}=={version(p)}" for p in ("torch", "numpy", "faiss-cpu", "mlflow", "pandas")] + ["dudch"]
 
 
+def load(model_uri):
+    """The pyfunc model at `model_uri`, after checking that loading it runs dudch's own code
+    only (`serving.check_model_folder`)."""
+    import mlflow
+
+    try:
+        folder = mlflow.artifacts.download_artifacts(model_uri)
+    except Exception as error:
+        raise DudchError(f"cannot load {model_uri} ({first_line(error)}); check the name and alias "
+                         f"(`dudch promote` sets them)") from None
+    serving.check_model_folder(folder)
+    return mlflow.pyfunc.load_model(folder)
+
+
 def search(model_uri, text=None, image=None, top=10):
-    """(rows (rank, id, distance, text) of the `top` database items nearest a text or an image,
-    the model's warning about them: unknown query words, ties at the cut-off; '' if none)."""
+    """(rows (rank, id, distance, text) of the `top` database items nearest a text or an image
+    file, the model's warning about them: unknown query words, ties at the cut-off; '' if none).
+    The image is sent as its bytes, as a remote client would."""
+    import base64
+
     import mlflow
 
     if (text is None) == (image is None):
         raise DudchError("give exactly one of --text and --image")
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except Exception as error:
-        raise DudchError(f"cannot load {model_uri} ({first_line(error)}); check the name and alias "
-                         f"(`dudch promote` sets them)") from None
-    query = {"text": [text]} if text is not None else {"image": [str(image)]}
+    if image is not None and not Path(image).is_file():
+        raise DudchError(f"image {image} not found")
+    model = load(model_uri)
+    query = {"text": [text]} if text is not None else {"image_b64": [base64.b64encode(Path(image).read_bytes()).decode()]}
     try:
         (found,) = model.predict(pd.DataFrame(query), params={"top_k": top}).itertuples()
     except mlflow.exceptions.MlflowException as error:
-        raise DudchError(f"{model_uri} refused the query ({first_line(error)})") from None
+        raise DudchError(f"{model_uri} refused the query ({first_line(error.message)})") from None
     rows = [dict(rank=r + 1, id=i, distance=d, text=t)
             for r, (i, d, t) in enumerate(zip(found.ids, found.distances, found.texts))]
     return rows, getattr(found, "warning", "")

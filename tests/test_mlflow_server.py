@@ -109,7 +109,7 @@ def test_pipeline_promote_and_load_through_a_server_with_s3_artifacts(tracking_s
     finally:
         mlflow.set_tracking_uri(previous)
     with np.load(next(kfp_dir.glob("for-loop-2-iteration-0/train-student/student/codes.npz"))) as saved:
-        np.testing.assert_array_equal(model.unwrap_python_model().retriever.database_codes(), saved["codes"])
+        np.testing.assert_array_equal(model.get_raw_model().database_codes(), saved["codes"])
 
     keys = [o["Key"] for page in boto3.client("s3", endpoint_url=tracking_server["endpoint"])
             .get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]

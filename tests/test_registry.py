@@ -1,8 +1,11 @@
 """The MLflow registry path on a real store: promote a pipeline run's student behind the quality
 gate, load it in one line, search with it, serve it over HTTP, and compare runs."""
 
+import base64
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,8 @@ import requests
 
 from dudch import nets
 from dudch.retrieval import hamming_ranking
+from dudch import DudchError
+from pipeline import registry, serving
 from pipeline.registry import GATE_METRICS, gate
 from tests.conftest import free_port, wait_for_port
 from tests.helpers import OPENCLIPART, dudch
@@ -28,6 +33,10 @@ def student_output(pipeline_run, bits):
             if saved["codes"].shape[1] == bits:
                 return dict(saved), nets.load(folder / "model.pt")[0]
     raise AssertionError(f"no {bits}-bit student in {pipeline_run['kfp_dir']}")
+
+
+def b64(path):
+    return base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def features_of(pipeline_run):
@@ -59,7 +68,7 @@ def production(pipeline_run):
 
 def test_the_model_holds_the_runs_database_codes(pipeline_run, production):
     saved, _ = student_output(pipeline_run, 32)
-    retriever = production.unwrap_python_model().retriever
+    retriever = production.get_raw_model()
     np.testing.assert_array_equal(retriever.database_codes(), saved["codes"])
     np.testing.assert_array_equal(retriever.item_id, saved["item_id"])
     assert retriever.packed.dtype == np.uint8 and retriever.packed.shape == (len(saved["codes"]), 4)
@@ -83,9 +92,11 @@ def test_raw_text_and_image_queries(pipeline_run, production):
     features = features_of(pipeline_run)
     _, student = student_output(pipeline_run, 32)
     image = sorted(OPENCLIPART.glob("animals/*.svg"))[0]
-    found = production.predict(pd.DataFrame({"image": [str(image)]}), params={"top_k": 3})
+    found = production.predict(pd.DataFrame({"image_b64": [b64(image)]}), params={"top_k": 3})
     assert len(found["ids"][0]) == 3 and all(isinstance(t, str) for t in found["texts"][0])
-    words = production.unwrap_python_model().retriever.encoders["text"]["vocabulary"][:3]
+    expected = production.get_raw_model().encode(images=[image])
+    assert found["code"][0] == "".join("1" if b > 0 else "0" for b in expected[0])
+    words = production.get_raw_model().encoders["text"]["vocabulary"][:3]
     by_text = production.predict(pd.DataFrame({"text": [" ".join(words)]}))
     bow = np.zeros((1, features["text"].shape[1]), dtype=np.float32)
     bow[0, :3] = 1
@@ -95,7 +106,7 @@ def test_raw_text_and_image_queries(pipeline_run, production):
 
 def test_signature_and_input_example_are_logged(production):
     info = mlflow.models.get_model_info("models:/dudch@production")
-    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "image", "text_features", "image_features"]
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "image_b64", "image", "text_features", "image_features"]
     assert info.signature.params.to_dict()[0]["name"] == "top_k"
     assert info.saved_input_example_info is not None
 
@@ -160,23 +171,32 @@ def test_promote_refuses_a_stage_run(pipeline_run):
     assert done.returncode == 2 and "is not a pipeline run" in done.stderr
 
 
-def test_mlflow_models_serve_answers_invocations(pipeline_run, production):
+def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_run, production):
     port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != serving.IMAGE_DIR_ENV}
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/dudch@production",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         # `mlflow models serve` starts `uvicorn` by name: the virtualenv's bin must be on PATH
         # (as it is for a user who activated it).
-        env={**os.environ, **pipeline_run["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        env={**env, **pipeline_run["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ask(columns, data, **params):
+        body = {"dataframe_split": {"columns": columns, "data": data}, "params": params}
+        return requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+
+    def refused(reply, message):
+        assert reply.status_code == 400, reply.text[:300]
+        error = reply.json()
+        assert error["message"] == message and "stack_trace" not in error and "Traceback" not in reply.text
+
     try:
         wait_for_port(port, server, "mlflow models serve", timeout=120)
         features = features_of(pipeline_run)
         rows = features["image"][features["query"][:3]]
-        body = {"dataframe_split": {"columns": ["image_features"], "data": [[r.tolist()] for r in rows]},
-                "params": {"top_k": 5}}
         for _ in range(100):  # the port opens before the model has loaded
-            reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+            reply = ask(["image_features"], [[r.tolist()] for r in rows], top_k=5)
             if reply.status_code != 503:
                 break
         assert reply.status_code == 200, reply.text[:500]
@@ -185,9 +205,102 @@ def test_mlflow_models_serve_answers_invocations(pipeline_run, production):
         assert [p["code"] for p in served] == local["code"].tolist()
         assert [p["ids"] for p in served] == local["ids"].tolist()
         assert [p["distances"] for p in served] == local["distances"].tolist()
+
+        drawing = sorted(OPENCLIPART.glob("food/*.svg"))[0]
+        reply = ask(["image_b64"], [[b64(drawing)]], top_k=4)
+        assert reply.status_code == 200, reply.text[:500]
+        local = production.predict(pd.DataFrame({"image_b64": [b64(drawing)]}), params={"top_k": 4})
+        assert reply.json()["predictions"][0]["ids"] == local["ids"][0]
+
+        no_paths = ("this deployment does not read images from its disk; send the image's bytes in "
+                    "image_b64 (or set DUDCH_SERVE_IMAGE_DIR on the server to allow a folder)")
+        for path in ("/etc/passwd", "/nonexistent.png", str(drawing)):
+            refused(ask(["image"], [[path]]), no_paths)
+        refused(ask(["text"], [["tux"]], top_k=-1), "top_k must be 1 to 1000 (0: codes only), got -1")
+        refused(ask(["text"], [["tux"]], top_k=1001), "top_k must be 1 to 1000 (0: codes only), got 1001")
+        refused(ask(["text"], [["tux"]] * 257), "257 queries in one request; at most 256")
+        refused(ask(["text"], [["x" * 2001]]), "a text query of 2001 characters; at most 2000")
+        refused(ask(["image_b64"], [["not base64!"]]), "image_b64 of row 0 is not valid base64")
+        refused(ask(["image_b64"], [[base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()]]),
+                "cannot decode image 0; PNG, JPEG or SVG (up to 32 MiB, 64 megapixels)")
+        for empty in ("", "zzzunknownword"):
+            reply = ask(["text"], [[empty]], top_k=3)
+            assert reply.status_code == 200 and "the ranking is arbitrary" in reply.json()["predictions"][0]["warning"]
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_server_side_image_paths_only_inside_the_allowed_folder(production, tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    drawing = sorted(OPENCLIPART.glob("food/*.svg"))[0]
+    shutil.copy(drawing, allowed / "drawing.svg")
+    (allowed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    monkeypatch.setenv(serving.IMAGE_DIR_ENV, str(allowed))
+    found = production.predict(pd.DataFrame({"image": ["drawing.svg"]}), params={"top_k": 2})
+    assert found["code"][0] == production.predict(pd.DataFrame({"image_b64": [b64(drawing)]}))["code"][0]
+    for outside in ("../allowed/../../etc/passwd", "/etc/passwd", "missing.png", "broken.png"):
+        with pytest.raises(serving.QueryRefused) as refusal:
+            production.predict(pd.DataFrame({"image": [outside]}))
+        assert refusal.value.reason == f"cannot read image {outside!r} from the deployment's image folder"
+
+
+class Planted:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_tampered_model_artifacts_are_refused_or_ignored(production, tmp_path):
+    import torch
+    import yaml
+
+    original = Path(mlflow.artifacts.download_artifacts("models:/dudch@production", dst_path=str(tmp_path / "original")))
+    assert not [p for p in original.rglob("*") if p.suffix in (".py", ".pkl", ".pickle")]  # data only
+    spec = yaml.safe_load((original / "MLmodel").read_text())
+    assert spec["flavors"]["python_function"]["loader_module"] == "pipeline.serving"
+    marker = tmp_path / "code-ran"
+
+    def tampered(name, change):
+        folder = tmp_path / name
+        shutil.copytree(original, folder)
+        change(folder)
+        return folder
+
+    # The networks replaced by a pickle that runs code: refused, and the code never runs.
+    nets_file = tampered("nets", lambda f: torch.save({"dims": Planted(marker)}, next(f.rglob("student.pt"))))
+    with pytest.raises(Exception, match="refused to load model .*student.pt: it holds objects other than tensors"):
+        mlflow.pyfunc.load_model(str(nets_file))
+    # The database codes replaced by pickled objects: refused.
+    database = tampered("database", lambda f: np.savez(next(f.rglob("database.npz")), codes=np.array([Planted(marker)])))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        mlflow.pyfunc.load_model(str(database))
+    assert not marker.exists()
+
+    # Code planted beside the data, as an MLflow "model from code" or a pickled python model
+    # would hold it: the loader never reads it.
+    def plant_code(folder):
+        (folder / "retrieval_model.py").write_text(f"open({str(marker)!r}, 'w')\n")
+        (folder / "python_model.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    planted = registry.load(str(tampered("planted", plant_code)))
+    assert not marker.exists() and len(planted.predict(pd.DataFrame({"text": ["tux"]}), params={"top_k": 1})) == 1
+
+    # An MLmodel edited to run other code: `dudch search` (registry.load) refuses it.
+    def edit(key, value):
+        def change(folder):
+            edited = yaml.safe_load((folder / "MLmodel").read_text())
+            edited["flavors"]["python_function"][key] = value
+            (folder / "MLmodel").write_text(yaml.safe_dump(edited))
+        return change
+    for key, value in (("code", "code"), ("loader_module", "retrieval_model"), ("python_model", "python_model.pkl")):
+        with pytest.raises(DudchError, match="refused to load the model: its MLmodel names code that is not dudch's own"):
+            registry.load(str(tampered(f"mlmodel-{key}", edit(key, value))))
+    assert not marker.exists()
 
 
 def test_compare_tabulates_runs_and_their_differences(pipeline_run):

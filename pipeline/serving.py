@@ -1,0 +1,230 @@
+"""How MLflow loads the models dudch logs: this module is their `loader_module`. A model's folder
+holds data only (state dicts read with `weights_only`, JSON, arrays read without pickles); the
+code that reads it is this installed module, so nobody who can write to the artifact store can
+change what runs when a model is loaded. `load` also refuses a model whose MLmodel was edited
+to run anything else.
+
+Two kinds of model, told apart by their data:
+- a networks file (`dudch.nets.save`), logged with each teacher and student run: feature rows
+  in ("image_features" or "text_features"), codes out;
+- a `dudch.retrieval` folder, registered by `dudch promote`: raw queries in, codes and the
+  nearest database items out (`RetrievalModel`).
+A served model trusts no client: queries are bounded (LIMITS), images come as bytes, and every
+refusal is one line with no stack trace.
+"""
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+from dudch import DudchError
+
+LOADER_MODULE = __name__
+QUERY_COLUMNS = ("text", "image_b64", "image", "text_features", "image_features")
+# Per request. top_k 0 asks for codes only.
+LIMITS = dict(rows=256, text_chars=2000, image_bytes=8 * 2**20, top_k=1000)
+# A deployment that wants to encode images from its own disk names the folder they may come
+# from; without it an "image" (path) column is refused.
+IMAGE_DIR_ENV = "DUDCH_SERVE_IMAGE_DIR"
+
+
+class QueryRefused(MlflowException):
+    """A query the model does not answer, as HTTP 400 with this one line as its message. (The
+    scoring server prefixes an error's message with the whole input; this keeps it out.)"""
+
+    def __init__(self, reason, error_code=INVALID_PARAMETER_VALUE):
+        super().__init__(reason, error_code=error_code)
+        self.reason = reason
+
+    def serialize_as_json(self):
+        return json.dumps({"error_code": self.error_code, "message": self.reason})
+
+
+def _load_pyfunc(path):
+    """MLflow's entry point: the model for the data at `path` (see the module docstring)."""
+    from dudch import nets, retrieval
+
+    path = Path(path)
+    if path.is_dir():
+        return RetrievalModel(retrieval.load(path))
+    return CodesModel(nets.load(path)[0])
+
+
+def check_model_folder(folder):
+    """Refuse a model folder whose MLmodel would run code other than this module's: another
+    flavour, another loader, code paths or a pickled Python model."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load((Path(folder) / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DudchError(f"cannot read the model's MLmodel ({error})") from None
+    flavors = spec.get("flavors") or {}
+    pyfunc = flavors.get("python_function") or {}
+    unexpected = sorted(set(flavors) - {"python_function"}) + [k for k in ("code", "python_model", "model_code_path")
+                                                                 if pyfunc.get(k)]
+    if pyfunc.get("loader_module") != LOADER_MODULE or unexpected:
+        raise DudchError(f"refused to load the model: its MLmodel names code that is not dudch's own "
+                         f"(loader {pyfunc.get('loader_module')!r}{', ' if unexpected else ''}{', '.join(unexpected)}); "
+                         f"it was not written by `dudch promote` or was changed since")
+
+
+def _query_column(frame):
+    columns = [c for c in QUERY_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    if len(columns) != 1:
+        raise DudchError(f"give the queries in exactly one column of {', '.join(QUERY_COLUMNS)}; "
+                         f"got {', '.join(map(str, frame.columns)) or 'none'}")
+    if len(frame) > LIMITS["rows"]:
+        raise DudchError(f"{len(frame)} queries in one request; at most {LIMITS['rows']}")
+    return columns[0]
+
+
+def _feature_rows(values):
+    try:
+        return np.stack([np.asarray(v, dtype=np.float32) for v in values])
+    except (TypeError, ValueError):
+        raise DudchError("feature rows must be lists of numbers of one length") from None
+
+
+def _refusing(predict):
+    """Turn every failure of `predict` into a one-line QueryRefused: the model's own refusals as
+    they are, anything unexpected without its details (which stay in the server's log)."""
+    import functools
+    import logging
+
+    @functools.wraps(predict)
+    def wrapper(self, model_input, params=None):
+        try:
+            return predict(self, pd.DataFrame(model_input), params or {})
+        except QueryRefused:
+            raise
+        except DudchError as error:
+            raise QueryRefused(str(error)) from None
+        except Exception:
+            logging.getLogger(__name__).exception("query failed")
+            raise QueryRefused("the model failed on this query; the server's log has the details",
+                               INTERNAL_ERROR) from None
+    return wrapper
+
+
+class CodesModel:
+    """A teacher's or student's networks: predict(DataFrame with one column, "image_features" or
+    "text_features", a list of floats per row) -> DataFrame "code" (0/1 string per row)."""
+
+    def __init__(self, networks):
+        self.networks = networks
+
+    def get_raw_model(self):
+        """The `dudch.nets.HashNets` (MLflow's `PyFuncModel.get_raw_model`)."""
+        return self.networks
+
+    @_refusing
+    def predict(self, frame, params):
+        from dudch import nets
+
+        column = _query_column(frame)
+        if column not in ("image_features", "text_features"):
+            raise DudchError(f"this model encodes feature rows (image_features or text_features), not {column}")
+        codes = nets.branch_codes(self.networks, column.split("_")[0], _feature_rows(frame[column]))
+        return pd.DataFrame({"code": _code_strings(codes)})
+
+
+class RetrievalModel:
+    """A `dudch.retrieval.Retriever` behind a query interface that trusts no client.
+
+    predict(DataFrame) takes one query per row in exactly one column: "text" (str, at most
+    LIMITS["text_chars"]), "image_b64" (the bytes of a PNG, JPEG or SVG file, base64, at most
+    LIMITS["image_bytes"] decoded), "image" (a path on the server: refused unless the deployment
+    sets DUDCH_SERVE_IMAGE_DIR, and then only inside that folder), "text_features" or
+    "image_features" (a list of floats). At most LIMITS["rows"] rows. It returns a DataFrame
+    with "code" (0/1, one character per bit), "warning" (what the ranking does not show: unknown
+    query words, an arbitrary ranking, ties at the cut-off; "" if none) and, when the `top_k`
+    parameter is 1 to 1000, "ids" (the nearest database items, nearest first), "distances"
+    (Hamming) and "texts".
+    """
+
+    def __init__(self, retriever):
+        self.retriever = retriever
+
+    def get_raw_model(self):
+        """The `dudch.retrieval.Retriever` (MLflow's `PyFuncModel.get_raw_model`)."""
+        return self.retriever
+
+    @_refusing
+    def predict(self, frame, params):
+        top_k = params.get("top_k", 0)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= LIMITS["top_k"]:
+            raise DudchError(f"top_k must be 1 to {LIMITS['top_k']} (0: codes only), got {top_k!r}")
+        column = _query_column(frame)
+        values = frame[column].tolist()
+        texts = [None] * len(values)
+        if column == "text":
+            texts = [_text(v) for v in values]
+            codes = self.retriever.encode(texts=texts)
+        elif column == "image_b64":
+            codes = self.retriever.encode(images=[_image_bytes(i, v) for i, v in enumerate(values)])
+        elif column == "image":
+            codes = self.retriever.encode(images=[_server_image(v) for v in values])
+        else:
+            codes = self.retriever.encode(**{column: _feature_rows(values)})
+        out = pd.DataFrame({"code": _code_strings(codes)})
+        distances = [[]] * len(codes)
+        if top_k > 0:
+            distances, rows = self.retriever.search(codes, int(top_k))
+            out["ids"] = [self.retriever.item_id[r].tolist() for r in rows]
+            out["distances"] = [d.astype(int).tolist() for d in distances]
+            out["texts"] = [self.retriever.text[r].tolist() for r in rows]
+        out["warning"] = [self.retriever.warnings(c, d, t) for c, d, t in zip(codes, distances, texts)]
+        return out
+
+
+def _code_strings(codes):
+    return ["".join("1" if b > 0 else "0" for b in c) for c in codes]
+
+
+def _text(value):
+    if not isinstance(value, str):
+        raise DudchError(f"a text query must be a string, got {type(value).__name__}")
+    if len(value) > LIMITS["text_chars"]:
+        raise DudchError(f"a text query of {len(value)} characters; at most {LIMITS['text_chars']}")
+    return value
+
+
+def _image_bytes(row, value):
+    if not isinstance(value, str):
+        raise DudchError(f"image_b64 of row {row} must be a base64 string")
+    if len(value) > LIMITS["image_bytes"] * 4 // 3 + 4:
+        raise DudchError(f"the image of row {row} is over {LIMITS['image_bytes'] // 2**20} MiB")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise DudchError(f"image_b64 of row {row} is not valid base64") from None
+
+
+def _server_image(value):
+    """The bytes of an image file on the server, inside the deployment's allowed folder. Any
+    failure reads the same, so a client learns nothing about the server's files."""
+    from dudch.features import read_image
+
+    allowed = os.environ.get(IMAGE_DIR_ENV)
+    if not allowed:
+        raise DudchError(f"this deployment does not read images from its disk; send the image's bytes "
+                         f"in image_b64 (or set {IMAGE_DIR_ENV} on the server to allow a folder)")
+    folder = Path(allowed).resolve()
+    path = (folder / str(value)).resolve()
+    try:
+        if not path.is_relative_to(folder) or path.stat().st_size > LIMITS["image_bytes"]:
+            raise OSError
+        data = path.read_bytes()
+        if read_image(data, 16) is None:  # undecodable reads like missing
+            raise OSError
+        return data
+    except OSError:
+        raise DudchError(f"cannot read image {value!r} from the deployment's image folder") from None
