@@ -133,7 +133,9 @@ def log_record(folder, parent_run_id):
 
 def run_link(run):
     """The run's page in the MLflow UI when the store is a server, else its id and store."""
-    uri = mlflow.get_tracking_uri()
+    from dudch import redact
+
+    uri = redact(mlflow.get_tracking_uri())
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     return f"{run.info.run_id} in {uri}"

@@ -5,7 +5,13 @@ asymmetric DCC student and the retrieval metrics. Nothing here imports KFP or ML
 stage runs and tests anywhere; `components/` and `pipeline/` wire it into Kubeflow and MLflow.
 """
 
+import re
+
 __version__ = "0.1.0"
+
+# scheme://userinfo@: a secret when it holds a password, or is a token (any scheme but ssh,
+# where "git@" names the account only).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*)://([^/@\s]+)@")
 
 
 class DudchError(Exception):
@@ -16,3 +22,17 @@ def first_line(error, limit=200):
     """An exception (or message) as one short line, for quoting inside a DudchError."""
     lines = str(error).strip().splitlines()
     return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def _is_secret(match):
+    return ":" in match.group(2) or "ssh" not in match.group(1).lower()
+
+
+def has_credentials(text):
+    """Whether `text` holds a URL with credentials (http://KEY:SECRET@host, https://TOKEN@host)."""
+    return any(_is_secret(m) for m in _URL_USERINFO.finditer(str(text)))
+
+
+def redact(text):
+    """`text` with the credentials of every URL in it replaced by ***: fit to print or log."""
+    return _URL_USERINFO.sub(lambda m: f"{m.group(1)}://***@" if _is_secret(m) else m.group(0), str(text))

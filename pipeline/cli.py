@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from dudch import DudchError
+from dudch import DudchError, first_line, redact
 
 PIPELINE_YAML = "pipeline.yaml"
 SOURCES_HELP = ("openclipart (the embedded default), mirflickr25k:DIR or nuswide:DIR (Cleared-Set "
@@ -33,7 +33,7 @@ def main(argv=None):
     try:
         return args.handler(args) or 0
     except DudchError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(error)}", file=sys.stderr)
         return 2
 
 
@@ -266,7 +266,7 @@ def _run(args):
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
     logs, scratch = root / ".dudch" / "logs" / run_id, root / ".dudch" / "tmp" / run_id
-    print(f"MLflow parent run {run_id} in {tracking.tracking_uri(root)}", flush=True)
+    print(f"MLflow parent run {run_id} in {redact(tracking.tracking_uri(root))}", flush=True)
     if not args.verbose:
         print(f"Logs: {logs.relative_to(root)}/ (a file per task; kfp.log: the local runner)", flush=True)
 
@@ -318,8 +318,12 @@ def _run(args):
         builtins.print = plain_print
         for stop, handler in handlers.items():
             signal.signal(stop, handler)
-        if tracking.is_running(run_id):  # the pipeline's exit task ends it, unless it never ran
-            tracking.finish_parent_run(run_id, status)
+        try:
+            if tracking.is_running(run_id):  # the pipeline's exit task ends it, unless it never ran
+                tracking.finish_parent_run(run_id, status)
+        except Exception as error:  # the store stopped answering: say so, don't bury the error
+            print(f"warning: could not end MLflow run {run_id} ({redact(first_line(error))[:120]}); "
+                  f"`dudch report` and `dudch compare` show it as INTERRUPTED", file=sys.stderr)
         shutil.rmtree(scratch, ignore_errors=True)
         _keep_latest(root / ".dudch" / "kfp", args.keep_runs)
         _keep_latest(root / ".dudch" / "logs", args.keep_runs)
@@ -327,7 +331,7 @@ def _run(args):
           f"mAP@50 and mAP@all; distinct: distinct database codes / database size):\n")
     print(tracking.format_table(tracking.report(experiment_id, run_id)))
     print(f"\nCompare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri "
-          f"{tracking.tracking_uri(root)}\n")
+          f"{redact(tracking.tracking_uri(root))}\n")
 
 
 def _interrupt(signum, frame):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from components.console import EVENTS_FILE, LOG_DIR_ENV
+from dudch import redact
 
 RUNNER_LOG = "kfp.log"
 TAIL_LINES = 20
@@ -95,7 +96,7 @@ class RunConsole:
 
     def _say(self, text):
         elapsed = int(time.monotonic() - self._started)
-        line = f"{elapsed // 60:02d}:{elapsed % 60:02d}  {text}"
+        line = f"{elapsed // 60:02d}:{elapsed % 60:02d}  {redact(text)}"
         if self._bars_on:
             from tqdm import tqdm
 
@@ -146,5 +147,5 @@ class RunConsole:
         lines = []
         for failure in self.failures or [{"task": "the local runner", "log": str(self.directory / RUNNER_LOG)}]:
             lines.append(f"\nLast lines of {failure['task']}'s log ({failure['log']}):")
-            lines += ["  " + line for line in log_tail(failure["log"])]
+            lines += ["  " + redact(line) for line in log_tail(failure["log"])]
         return lines

@@ -11,10 +11,9 @@ files this project writes.
 import contextlib
 import hashlib
 import logging
-import re
 from pathlib import Path
 
-from dudch import DudchError, first_line, openclipart
+from dudch import DudchError, first_line, has_credentials, openclipart
 from dudch.sources import DEFAULT_OPENCLIPART as OPENCLIPART
 from dudch.storage import atomic_dir
 
@@ -134,9 +133,11 @@ def configure_remote(root, url, endpoint_url=None):
     written: DVC reads them from the environment."""
     from dvc.repo import Repo
 
-    if re.match(r"^[a-z0-9+]+://[^/]*@", url):
-        raise DudchError("the remote URL must not hold credentials; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY in the environment instead")
+    if has_credentials(url) or has_credentials(endpoint_url or ""):
+        which = "remote URL" if has_credentials(url) else "endpoint URL"
+        raise DudchError(f"the {which} must not hold credentials (it is written to the git-tracked "
+                         f".dvc/config); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the "
+                         f"environment instead")
     if not url.startswith("s3://") and "://" in url:
         raise DudchError(f"unsupported remote {url!r}: use s3://bucket/prefix or a local folder")
     settings = {"url": url if url.startswith("s3://") else str(Path(url).resolve())}
@@ -154,7 +155,6 @@ def configure_remote(root, url, endpoint_url=None):
 def transfer(root, direction, targets=()):
     """`dvc push` or `dvc pull` of `targets` (.dvc files; all when empty) with the default
     remote. Returns the number of files moved; one-line DudchError when the remote fails."""
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -168,8 +168,8 @@ def transfer(root, direction, targets=()):
                 if direction == "push":
                     return repo.push(targets=list(targets) or None)
                 return repo.pull(targets=list(targets) or None)["stats"]["fetched"]
-            except DvcException as error:
-                reason = errors[0] if errors else first_line(error)
+            except Exception as error:  # DvcException, or the S3 layer's own (botocore, aiohttp)
+                reason = errors[0] if errors else f"{type(error).__name__}: {first_line(error)}"
                 raise DudchError(f"dvc {direction} with remote {remote!r} ({url}) failed ({reason}); "
                                  f"check that the server is reachable, the bucket exists and "
                                  f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are set") from None

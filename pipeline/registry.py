@@ -13,7 +13,7 @@ import pandas as pd
 from components.tracking import stage_children
 from dudch import DudchError, first_line
 from pipeline import serving
-from pipeline.tracking import KIND_TAG, report
+from pipeline.tracking import KIND_TAG, report, status_of
 
 MODEL_NAME = "dudch"
 ALIAS = "production"
@@ -225,7 +225,7 @@ def compare(experiment_id, last=5):
                                  order_by=["attributes.start_time DESC"], max_results=last)
     if not parents:
         raise DudchError("no pipeline run in the MLflow store yet; run `dudch run` first")
-    runs = [dict(run_id=p.info.run_id, start=p.info.start_time, status=p.info.status,
+    runs = [dict(run_id=p.info.run_id, start=p.info.start_time, status=status_of(p),
                  dataset=p.data.tags.get("dudch.dataset"), params=p.data.params,
                  results=report(experiment_id, p.info.run_id)["results"]) for p in parents]
     names = sorted({k for r in runs for k in r["params"]})
@@ -243,11 +243,11 @@ def format_comparison(comparison, method="student"):
     keys = sorted({(r["bits"], r["direction"]) for run in runs for r in run["results"] if r["method"] == method})
     lines = []
     for metric, title in (("map_50", "mAP@50"), ("map_all", "mAP@all")):
-        lines += [f"{method} {title}", f"{'run':<10} {'started':<17} {'status':<9}" + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)]
+        lines += [f"{method} {title}", f"{'run':<10} {'started':<17} {'status':<11}" + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)]
         for run in runs:
             value = {(r["bits"], r["direction"]): r[metric] for r in run["results"] if r["method"] == method}
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["start"] / 1000))
-            lines.append(f"{run['run_id'][:8]:<10} {started:<17} {run['status']:<9}"
+            lines.append(f"{run['run_id'][:8]:<10} {started:<17} {run['status']:<11}"
                          + "".join(f" {value[k]:>9.4f}" if k in value else f" {'-':>9}" for k in keys))
         lines.append("")
     if comparison["differing"]:

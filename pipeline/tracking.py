@@ -1,6 +1,9 @@
 """MLflow for whole pipeline runs: the store, the parent run, and reading results back."""
 
+import contextlib
+import fcntl
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -8,6 +11,7 @@ from dudch import DudchError, first_line
 
 EXPERIMENT = "dudch"
 KIND_TAG = "dudch.kind"
+HOST_TAG, PID_TAG = "dudch.host", "dudch.pid"  # the `dudch run` process that owns a local run
 RESULT_METHODS = ("teacher", "student")  # what `report` and the results table show
 
 
@@ -16,27 +20,87 @@ def tracking_uri(root):
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+# MLflow's HTTP client retries 7 times with backoff factor 2 and a 120 s timeout: minutes per
+# call when a server has died. These bound a dead server's cost to seconds per call, so a run
+# fails within a minute or two (a user's own settings win).
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+RACE_ATTEMPTS = 5  # two first runs on a fresh server store both create the experiment
+
+
 def connect(root):
-    """Point MLflow (this process and the stages it starts) at the store, check that it answers,
-    and return the experiment id. One-line DudchError when it cannot be reached."""
+    """Point MLflow (this process and the stages it starts) at the store, check that it answers
+    and that its artifact store (when a folder) is writable, and return the experiment id.
+    One-line DudchError when it cannot be used."""
+    import time
+
     import mlflow
 
     uri = tracking_uri(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
-    try:
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-        if experiment is not None:
-            return experiment.experiment_id
+    for attempt in range(RACE_ATTEMPTS):
+        try:
+            with _store_lock(uri):
+                experiment = _experiment(uri)
+            break
+        except Exception as error:  # MLflow raises many types for a broken store
+            if any(s in str(error) for s in ("already exists", "database is locked")) and attempt + 1 < RACE_ATTEMPTS:
+                time.sleep(1 + attempt)  # another process is creating the store: use what it made
+                continue
+            raise DudchError(f"cannot use the MLflow store {uri} ({first_line(error)}); fix MLFLOW_TRACKING_URI "
+                             f"or unset it to use the local sqlite store") from None
+    _check_writable(experiment.artifact_location)
+    return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def _store_lock(uri):
+    """Around the first use of a store: for a local sqlite file, an exclusive lock beside it, so
+    that two first runs do not both create its tables (their migrations break each other)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _experiment(uri):
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
         # A local sqlite store keeps its artifacts in a folder beside the database file.
         artifacts = ((Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
                      if uri.startswith("sqlite:///") else None)
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    except Exception as error:  # MLflow raises many types for a broken store
-        raise DudchError(f"cannot use the MLflow store {uri} ({first_line(error)}); fix MLFLOW_TRACKING_URI "
-                         f"or unset it to use the local sqlite store") from None
+        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    return experiment
+
+
+def _check_writable(artifact_location):
+    """Refuse an artifact store folder that cannot be written, before any work is done. (An
+    object store behind a server is the server's to check.)"""
+    import tempfile
+    from urllib.parse import unquote, urlparse
+
+    if not artifact_location.startswith("file:") and "://" in artifact_location:
+        return
+    folder = Path(unquote(urlparse(artifact_location).path) if artifact_location.startswith("file:") else artifact_location)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dudch-write-check"):
+            pass
+    except OSError as error:
+        raise DudchError(f"the MLflow artifact store {folder} is not writable ({error.strerror}); fix its "
+                         f"permissions or free space, or point MLFLOW_TRACKING_URI at another store") from None
 
 
 def _check_server(uri):
@@ -81,7 +145,8 @@ def start_parent_run(root, experiment_id, params, dataset, pin, data_uri):
     run = client.create_run(experiment_id, run_name=run_name(dataset, params["bits"]), tags={
         KIND_TAG: "pipeline", "dudch.dataset": dataset, "dudch.data_version": version,
         "dudch.data_dvc_file": str(pin["dvc_file"]), "dudch.data_rev": str(pin["rev"]),
-        "mlflow.source.git.commit": git_commit(root), "mlflow.source.name": "dudch run"})
+        "mlflow.source.git.commit": git_commit(root), "mlflow.source.name": "dudch run",
+        **{HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}})
     for key, value in {**params, "dataset": dataset, "data_version": version}.items():
         client.log_param(run.info.run_id, key, value)
     entity = MetaDataset(dataset_source(data_uri), name=dataset.split(":")[0], digest=pin["md5"])._to_mlflow_entity()
@@ -113,6 +178,21 @@ def is_running(run_id):
     import mlflow
 
     return mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING"
+
+
+def status_of(run):
+    """A pipeline run's status as people should read it: MLflow's, except INTERRUPTED for a run
+    still RUNNING whose `dudch run` process on this machine has ended (killed, or cut off
+    from its MLflow server, so nothing could end the run)."""
+    status = run.info.status
+    tags = run.data.tags
+    if status != "RUNNING" or tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+        return status
+    try:
+        alive = b"dudch" in Path(f"/proc/{tags[PID_TAG]}/cmdline").read_bytes()
+    except OSError:
+        alive = False
+    return status if alive else "INTERRUPTED"
 
 
 def log_summary(run_id):
@@ -188,7 +268,7 @@ def report(experiment_id, run_id=None):
                                         distinct_codes=child.data.metrics.get(prefix + "distinct_codes")))
     results.sort(key=lambda r: (RESULT_METHODS.index(r["method"]), r["bits"], r["direction"]))
     return dict(run_id=run_id, dataset=parent.data.tags.get("dudch.dataset"),
-                data_version=parent.data.tags.get("dudch.data_version"), status=parent.info.status,
+                data_version=parent.data.tags.get("dudch.data_version"), status=status_of(parent),
                 results=results)
 
 

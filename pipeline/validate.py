@@ -2,7 +2,7 @@
 one line, not a failed task minutes later. (The stages check their inputs again: on a cluster
 they may be given other values.)"""
 
-from dudch import DudchError
+from dudch import DudchError, has_credentials
 from dudch.prepare import BAD_IMAGE_POLICIES
 from dudch.similarity import RULES, SOURCES
 from dudch.student import INITS, OPTIMIZERS
@@ -38,6 +38,10 @@ def check_parameters(params):
     repeated = sorted({b for b in bits if bits.count(b) > 1})
     if repeated:
         raise DudchError(f"--bits lists {repeated[0]} more than once; give each code length once")
+    if has_credentials(params.get("data_repo", "")):
+        raise DudchError("data_repo must not hold credentials (they would be stored with the run's "
+                         "parameters); let git supply them (a credential helper or ~/.netrc), or use "
+                         "an ssh URL")
     for name, allowed in CHOICES.items():
         if params[name] not in allowed:
             raise DudchError(f"{name}={params[name]!r} is not one of: {', '.join(allowed)}")

@@ -1,0 +1,205 @@
+"""The battery of bad, hostile and faulty input, each case as its user meets it: the input, the
+one line that names the problem and the fix, the exit status, and that nothing was started,
+written half-way or left RUNNING. Cases that need a trained model or a decoded dataset live
+beside what they exercise: serving (tests/test_registry.py: over HTTP, tampered artifacts),
+bad images and the feature cache (tests/test_sources.py, tests/test_data.py), a failing task
+(tests/test_console.py), signals (tests/test_lifecycle.py), remotes (tests/test_dvc_remote.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+
+from tests import datasets
+from tests.conftest import free_port, wait_for_port
+from tests.helpers import ROOT, dudch
+
+SECRET = "s3cr3t-9f2c"  # never printed, written or logged
+
+PARAMETERS = [
+    (("--bits", "-8"), "--bits -8 is out of range: code lengths are 8 to 1024 bits"),
+    (("--bits", "0"), "--bits 0 is out of range"),
+    (("--bits", "100000"), "--bits 100000 is out of range"),
+    (("--bits", "16", "16"), "--bits lists 16 more than once"),
+    (("--seed", "-1"), "seed must be 0 or more, got -1"),
+    (("--max-items", "3"), "--max-items 3 is too few: a run needs at least 10 items"),
+    (("--param", "similarity_rule=nonsense"), "similarity_rule='nonsense' is not one of: mutual_knn, union_knn, quantile, graded"),
+    (("--param", "seed=3"), "set seed with --seed, not --param"),
+    (("--param", "teacher_epochs=0"), "teacher_epochs must be positive, got 0"),
+    (("--param", "similarity_related_fraction=1.5"), "similarity_related_fraction must be between 0 and 1"),
+    (("--param", "student_optimizer=rmsprop"), "student_optimizer='rmsprop' is not one of: sgd, adam"),
+    (("--param", "on_bad_image=ignore"), "on_bad_image='ignore' is not one of: skip, fail"),
+    (("--param", "max_bad_image_fraction=2"), "max_bad_image_fraction must be between 0 and 1, got 2.0"),
+    (("--param", f"data_repo=https://user:{SECRET}@git.example/data.git"),
+     "data_repo must not hold credentials (they would be stored with the run's parameters)"),
+    (("--param", f"data_repo=https://{SECRET}@git.example/data.git"), "data_repo must not hold credentials"),
+]
+
+
+def partial_files():
+    return set((ROOT / ".dudch").glob("**/*.partial")) | set(ROOT.glob("*.partial"))
+
+
+@pytest.fixture(autouse=True)
+def nothing_half_written():
+    """No case leaves a partly written file (write-then-rename's temporary) behind."""
+    before = partial_files()
+    yield
+    assert partial_files() <= before
+
+
+def refused(done, message, status=2):
+    """The one-line refusal every case ends in: no traceback, no secret."""
+    output = done.stdout + done.stderr
+    assert done.returncode == status, output[-2000:]
+    *_, error = done.stderr.strip().splitlines()
+    assert error.startswith("error: ") and message in error, error
+    assert "Traceback" not in output and SECRET not in output
+
+
+@pytest.mark.parametrize("args, message", PARAMETERS, ids=[" ".join(a) for a, _ in PARAMETERS])
+def test_bad_parameters_are_refused_up_front(tmp_path, args, message):
+    store = tmp_path / "mlflow.db"
+    started = time.time()
+    done = dudch("run", *args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    refused(done, message)
+    assert done.stderr.count("\n") == 1
+    assert time.time() - started < 10
+    assert not store.exists()  # nothing was started, so nothing is left RUNNING
+
+
+def test_an_empty_manifest_is_refused_up_front(tmp_path):
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    done = dudch("run", "--dataset", f"manifest:{manifest}", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    refused(done, "is empty; add one record per image-text pair")
+    assert done.stderr.count("\n") <= 2  # and that unpinned data is not versioned
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_credentials_in_an_endpoint_are_refused_and_never_written(tmp_path):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
+    config = (tmp_path / ".dvc" / "config").read_text()
+    done = dudch("data", "remote", "s3://bucket/x", "--endpoint-url", f"http://KEY:{SECRET}@minio:9000", cwd=tmp_path)
+    refused(done, "the endpoint URL must not hold credentials (it is written to the git-tracked .dvc/config)")
+    assert (tmp_path / ".dvc" / "config").read_text() == config
+
+
+def test_a_tracking_uri_with_credentials_is_redacted(tmp_path):
+    port = free_port()  # nothing listens there
+    done = dudch("report", env={"MLFLOW_TRACKING_URI": f"http://user:{SECRET}@127.0.0.1:{port}"})
+    refused(done, f"cannot reach the MLflow tracking server at http://***@127.0.0.1:{port}")
+
+
+def test_an_unreachable_tracking_server_is_found_before_any_work(tmp_path):
+    started = time.time()
+    done = dudch("run", "--max-items", "50", "--bits", "16", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    refused(done, "cannot reach the MLflow tracking server at http://127.0.0.1:")
+    assert time.time() - started < 20 and "started" not in done.stdout
+
+
+def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
+    artifacts = tmp_path / "mlartifacts"
+    artifacts.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(artifacts)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only file system here ({mounted.stderr.decode().strip()})")
+    try:
+        started = time.time()
+        done = dudch("run", "--max-items", "50", "--bits", "16",
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        refused(done, f"the MLflow artifact store {artifacts} is not writable (Read-only file system)")
+        assert time.time() - started < 20 and "started" not in done.stdout
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id]) == []
+    finally:
+        subprocess.run(["umount", str(artifacts)], check=True)
+
+
+@pytest.mark.parametrize("credentials, reason", [(True, "EndpointConnectionError"), (False, "NoCredentialsError")],
+                         ids=["unreachable", "no credentials"])
+def test_data_push_failures_are_one_line(tmp_path, credentials, reason):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text('{"image": "a.png", "text": "x"}\n')
+    subprocess.run([dvc, "add", "-q", "data"], cwd=tmp_path, check=True)
+    assert dudch("data", "remote", "s3://bucket/x", "--endpoint-url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": SECRET} if credentials else {"HOME": str(tmp_path)})
+    done = subprocess.run([str(Path(sys.executable).with_name("dudch")), "data", "push"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    refused(done, f"dvc push with remote 'storage' (s3://bucket/x) failed ({reason}")
+    assert done.stderr.count("\n") == 1 and "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in done.stderr
+
+
+def test_two_first_runs_on_a_fresh_store_both_connect(tmp_path):
+    """Both create the store's tables and experiment at once: the loser retries, and both end
+    up with the same experiment (no 'already exists' error, no advice to fix the URI)."""
+    code = "from pathlib import Path; from pipeline.tracking import connect; print(connect(Path('.')))"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    for attempt in range(3):
+        store = tmp_path / "mlflow.db"
+        store.unlink(missing_ok=True)
+        racers = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        results = [racer.communicate(timeout=120) for racer in racers]
+        assert all(racer.returncode == 0 for racer in racers), [err[-500:] for _, err in results]
+        assert len({out.strip() for out, _ in results}) == 1
+
+
+def test_a_tracking_server_that_dies_mid_run_fails_it_in_one_line_and_the_run_reads_interrupted(tmp_path):
+    port = free_port()
+    settings = {"MLFLOW_PORT": str(port), "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'server.db'}"}
+
+    def start_server():
+        server = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")], env={**os.environ, **settings},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_port(port, server, "mlflow/server.sh", timeout=120)
+        for _ in range(100):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    return server
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise AssertionError("the MLflow server never answered")
+
+    def stop_server(server):
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    server = start_server()
+    run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "200", "--bits", "16",
+                            "--param", "teacher_epochs=20", "--param", "min_label_size=5", "--keep-runs", "0", "--no-cache"],
+                           cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in run.stdout:
+            if "teacher 16b" in line and "started" in line:
+                break
+        stop_server(server)
+        died = time.time()
+        stdout, stderr = run.communicate(timeout=300)
+        assert time.time() - died < 120
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 2 and "Traceback" not in stdout + stderr
+    *warnings, error = stderr.strip().splitlines()
+    assert error.startswith("error: task ") and "failed" in error, stderr[-2000:]
+    assert any(w.startswith("warning: could not end MLflow run") for w in warnings)
+    server = start_server()
+    try:
+        compared = dudch("compare", "--last", "1", env=env)
+        assert compared.returncode == 0 and compared.stdout.splitlines()[2].split()[3] == "INTERRUPTED", compared.stdout
+    finally:
+        stop_server(server)
