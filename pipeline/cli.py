@@ -37,6 +37,15 @@ def main(argv=None):
         return 2
 
 
+def _top_k(text):
+    from pipeline.serving import LIMITS
+
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or not 1 <= value <= LIMITS["top_k"]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count from 1 to {LIMITS['top_k']}")
+    return value
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="dudch", description="Unsupervised cross-modal hashing by knowledge distillation "
@@ -125,7 +134,7 @@ def _parser():
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query (tags or a sentence)")
     query.add_argument("--image", type=Path, help="an image query (PNG, JPEG or SVG)")
-    search.add_argument("--top", type=int, default=10, help="how many items to list")
+    search.add_argument("--top", type=_top_k, default=10, help="how many items to list (1 to 1000)")
     search.set_defaults(handler=_search)
 
     compare = commands.add_parser("compare", help="student mAP@50 and mAP@all by bits and direction "

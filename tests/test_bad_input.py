@@ -203,3 +203,10 @@ def test_a_tracking_server_that_dies_mid_run_fails_it_in_one_line_and_the_run_re
         assert compared.returncode == 0 and compared.stdout.splitlines()[2].split()[3] == "INTERRUPTED", compared.stdout
     finally:
         stop_server(server)
+
+
+@pytest.mark.parametrize("top", ["0", "-1", "1001", "ten"])
+def test_search_refuses_a_count_out_of_range(top):
+    done = dudch("search", "--text", "tux", "--top", top)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"dudch search: error: argument --top: '{top}' is not a count from 1 to 1000"
