@@ -168,7 +168,7 @@ class ImageEncoder:
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-            return self.model(x).cpu().numpy().astype(np.float32)
+            return self.model(x).float().cpu().numpy()
 
 
 def tokenize(tag):
