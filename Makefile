@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test data lock compile benchmarks image clean
+.PHONY: run test data lock compile benchmarks image image-test clean
 
 run: data
 	$(BIN)/dudch run
@@ -19,13 +19,22 @@ compile: $(INSTALLED)
 	$(BIN)/dudch compile
 
 # The stages' container, pushed, and the pipeline compiled against it (build/pipeline.yaml, for
-# `dudch submit --package build/pipeline.yaml`). Needs a Docker engine and a registry login;
-# the development machine has neither, so CI never runs this.
+# `dudch submit --package build/pipeline.yaml`). Needs a Docker engine with BuildKit and a
+# registry login. Where Docker Hub is unreachable, pass a local base: BASE=local/debian:bookworm
+# (`make image-test` makes one with debootstrap).
 IMAGE ?= ghcr.io/dudch/dudch-python:0.1.0
+BASE ?= python:3.11-slim
 image: $(INSTALLED)
-	docker build -f components/Dockerfile -t $(IMAGE) .
+	mkdir -p build/wheels
+	DOCKER_BUILDKIT=1 docker build --build-arg BASE=$(BASE) -f components/Dockerfile -t $(IMAGE) .
 	docker push $(IMAGE)
-	mkdir -p build && DUDCH_IMAGE=$(IMAGE) $(BIN)/dudch compile --output build/pipeline.yaml
+	DUDCH_IMAGE=$$(docker image inspect --format '{{index .RepoDigests 0}}' $(IMAGE)) $(BIN)/dudch compile --output build/pipeline.yaml
+
+# Heavy, not part of `make test`: builds the image here (own dockerd, a debootstrap base, a
+# loopback registry), runs the pipeline in it with KFP's DockerRunner against the subprocess
+# runner, and writes benchmarks/results/image.md. Needs root.
+image-test: data
+	bash components/image.sh
 
 # On demand, not in CI: results in benchmarks/results/. The tuning pass (validation split,
 # every student design) is separate: `.venv/bin/python benchmarks/quality.py --tune`.

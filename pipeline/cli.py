@@ -96,6 +96,10 @@ def _parser():
                      "cache still applies)")
     run.add_argument("--verbose", action="store_true", help="print every task's raw output (KFP's "
                      "executor lines, library warnings) instead of one line per task start and end")
+    run.add_argument("--image", metavar="REF", help="run every task in this container image (KFP's "
+                     "DockerRunner, host network) instead of a subprocess, as a cluster would: "
+                     ".dudch is mounted at its own path, the dataset linked into it; needs a Docker "
+                     "engine and an MLflow server (MLFLOW_TRACKING_URI=http://...)")
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser("submit", help=f"upload {PIPELINE_YAML} to a Kubeflow Pipelines "
@@ -252,6 +256,10 @@ def _parse_params(pairs, with_run_inputs=False):
 
 def _run(args):
     root = Path.cwd().resolve()
+    if args.image:  # read when the components are defined (on importing pipeline.pipeline)
+        from components import IMAGE_ENV
+
+        os.environ[IMAGE_ENV] = args.image
     from pipeline import tracking
     from pipeline.cluster import RETRIES_ENV
     from pipeline.console import RUNNER_LOG, RunConsole
@@ -272,6 +280,8 @@ def _run(args):
     dataset, pin, data_uri = _resolve_dataset(root, args.dataset, params, on_this_machine=True)
     if not params.get("data_repo"):  # else the task fetches it: not on this machine yet
         validate.check_dataset(dataset, _with_defaults(params))
+    if args.image:
+        _check_image(args.image, tracking.tracking_uri(root))
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
     logs, scratch = root / ".dudch" / "logs" / run_id, root / ".dudch" / "tmp" / run_id
@@ -303,10 +313,10 @@ def _run(args):
         with contextlib.nullcontext() if args.verbose else console:
             # Caching as on a cluster: prepare and teacher are reused when their inputs are
             # identical (and the earlier output still exists, see --keep-runs).
-            kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
-                           pipeline_root=str(root / ".dudch" / "kfp"), enable_caching=not args.no_cache,
+            runner, outputs, task_dataset = _local_runner(root, args.image, dataset, scratch)
+            kfp.local.init(runner=runner, pipeline_root=str(outputs), enable_caching=not args.no_cache,
                            cache_root=str(root / ".dudch" / "kfp-cache"))
-            dudch_pipeline(dataset=dataset, cache_dir=str(root / ".dudch" / "cache"),
+            dudch_pipeline(dataset=task_dataset, cache_dir=str(root / ".dudch" / "cache"),
                            mlflow_parent_run_id=run_id, data_version=_data_version(pin, run_id), **params)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -334,7 +344,7 @@ def _run(args):
             print(f"warning: could not end MLflow run {run_id} ({redact(first_line(error))[:120]}); "
                   f"`dudch report` and `dudch compare` show it as INTERRUPTED", file=sys.stderr)
         shutil.rmtree(scratch, ignore_errors=True)
-        _keep_latest(root / ".dudch" / "kfp", args.keep_runs)
+        _keep_latest(root / ".dudch" / ("kfp" if not args.image else ""), args.keep_runs, "dudch-*")
         _keep_latest(root / ".dudch" / "logs", args.keep_runs)
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Results (query set, "
           f"mAP@50 and mAP@all; distinct: distinct database codes / database size):\n")
@@ -384,13 +394,69 @@ def _stop_descendants():
             os.kill(pid, signal.SIGTERM)
 
 
-def _keep_latest(folder, count):
-    """Remove all but the `count` newest run folders in `folder` (0: keep all)."""
+def _keep_latest(folder, count, pattern="*"):
+    """Remove all but the `count` newest run folders (named like `pattern`) in `folder` (0: keep all)."""
     if not count or not folder.is_dir():
         return
-    runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    runs = sorted((p for p in folder.glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
     for old in runs[:-count]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# What a task in a container is given of this process's environment (the rest, PATH first, is
+# the image's own).
+TASK_ENV_PREFIXES = ("MLFLOW_", "DUDCH_", "AWS_", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "HF_HUB_OFFLINE", "TMPDIR")
+
+
+def _check_image(image, tracking_uri):
+    """Refuse `dudch run --image` up front when its tasks could not start: no Docker engine, an
+    image neither here nor pullable, or an MLflow store a container cannot reach."""
+    import docker
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise DudchError("--image runs the tasks in containers, which cannot reach a local sqlite store; "
+                         "start an MLflow server (mlflow/server.sh) and set MLFLOW_TRACKING_URI=http://...")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as error:
+        raise DudchError(f"no Docker engine answers ({first_line(error)[:120]}); start dockerd or set "
+                         f"DOCKER_HOST") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(image)
+        except docker.errors.APIError as error:
+            raise DudchError(f"cannot pull image {image} ({first_line(error.explanation or error)[:160]}); "
+                             f"build and push it (make image-test shows how) or check the name") from None
+
+
+def _local_runner(root, image, dataset, scratch):
+    """(KFP local runner, pipeline root, the SOURCE as the tasks see it). In a subprocess the
+    tasks see this machine. In containers (`image`) they see one mount, .dudch (outputs, logs,
+    caches, this run's scratch folder), at its own path: the dataset's folder is linked into the
+    scratch folder (hard links: no copy), as KFP's workspace mount would delete it after the run.
+    They run as this user, so that what they write here is this user's."""
+    import kfp.local
+
+    if not image:
+        return kfp.local.SubprocessRunner(use_venv=False), root / ".dudch" / "kfp", dataset
+    kind, _, path = dataset.partition(":")
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    staged = scratch / "dataset"
+    shutil.copytree(folder, staged, copy_function=_link_or_copy)
+    environment = {k: v for k, v in os.environ.items() if k.startswith(TASK_ENV_PREFIXES)}
+    runner = kfp.local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
+                                    environment={**environment, "HOME": "/tmp"})
+    return runner, root / ".dudch", f"{kind}:{staged / Path(path).relative_to(folder)}"
+
+
+def _link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system
+        shutil.copy2(source, destination)
 
 
 def _resolve_dataset(root, source, params, on_this_machine):
