@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.helpers import OPENCLIPART, run_pipeline
+from tests.helpers import OPENCLIPART, ROOT, run_pipeline
 
 # Credentials of the loopback S3 server: distinctive, so tests can prove they are never written.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "dudch-test-key", "AWS_SECRET_ACCESS_KEY": "dudch-test-secret-9f2c",
@@ -57,6 +57,37 @@ def wait_for_port(port, process, what, timeout=60):
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not open port {port} in {timeout} s")
+
+
+def start_mlflow_server(port, **settings):
+    """mlflow/server.sh on loopback `port` with `settings` (MLFLOW_BACKEND_STORE_URI, ...), in its
+    own process group: (process, url) once it answers /health."""
+    import os
+
+    import requests
+
+    process = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")],
+                               env={**os.environ, "MLFLOW_PORT": str(port), **settings},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port(port, process, "mlflow/server.sh", timeout=120)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if requests.get(f"{url}/health", timeout=5).ok:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    stop(process)
+    raise RuntimeError("the MLflow server never answered /health")
+
+
+def stop(process):
+    """Kill a process started in its own group, and everything it started."""
+    import os
+    import signal
+
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

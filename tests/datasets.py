@@ -103,3 +103,19 @@ def manifest(folder, pixels, texts, labels=None, svg_sources=(), csv=False):
         path = folder / "pairs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def drawings_manifest(folder, openclipart_root, n):
+    """A manifest over the first `n` real drawings, as a user's own data: their SVG files, their
+    tags as text, their folder as label. Returns the manifest's path."""
+    from dudch import openclipart
+
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for path in sorted(openclipart_root.glob("*/*.svg"))[:n]:
+        name = f"images/{len(records)}.svg"
+        (folder / name).write_bytes(path.read_bytes())
+        records.append(dict(image=name, text=" ".join(openclipart.parse_tags(path.read_bytes())),
+                            labels=[path.parent.name]))
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder / "pairs.jsonl"

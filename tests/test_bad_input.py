@@ -6,7 +6,6 @@ bad images and the feature cache (tests/test_sources.py, tests/test_data.py), a 
 (tests/test_console.py), signals (tests/test_lifecycle.py), remotes (tests/test_dvc_remote.py)."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,10 +13,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 
-from tests import datasets
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, start_mlflow_server, stop
 from tests.helpers import ROOT, dudch
 
 SECRET = "s3cr3t-9f2c"  # never printed, written or logged
@@ -158,27 +155,10 @@ def test_two_first_runs_on_a_fresh_store_both_connect(tmp_path):
 
 def test_a_tracking_server_that_dies_mid_run_fails_it_in_one_line_and_the_run_reads_interrupted(tmp_path):
     port = free_port()
-    settings = {"MLFLOW_PORT": str(port), "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+    settings = {"MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
                 "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'server.db'}"}
-
-    def start_server():
-        server = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")], env={**os.environ, **settings},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for_port(port, server, "mlflow/server.sh", timeout=120)
-        for _ in range(100):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                    return server
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        raise AssertionError("the MLflow server never answered")
-
-    def stop_server(server):
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    server = start_server()
+    server, _ = start_mlflow_server(port, **settings)
     run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "200", "--bits", "16",
                             "--param", "teacher_epochs=20", "--param", "min_label_size=5", "--keep-runs", "0", "--no-cache"],
                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,7 +166,7 @@ def test_a_tracking_server_that_dies_mid_run_fails_it_in_one_line_and_the_run_re
         for line in run.stdout:
             if "teacher 16b" in line and "started" in line:
                 break
-        stop_server(server)
+        stop(server)
         died = time.time()
         stdout, stderr = run.communicate(timeout=300)
         assert time.time() - died < 120
@@ -197,12 +177,12 @@ def test_a_tracking_server_that_dies_mid_run_fails_it_in_one_line_and_the_run_re
     *warnings, error = stderr.strip().splitlines()
     assert error.startswith("error: task ") and "failed" in error, stderr[-2000:]
     assert any(w.startswith("warning: could not end MLflow run") for w in warnings)
-    server = start_server()
+    server, _ = start_mlflow_server(port, **settings)
     try:
         compared = dudch("compare", "--last", "1", env=env)
         assert compared.returncode == 0 and compared.stdout.splitlines()[2].split()[3] == "INTERRUPTED", compared.stdout
     finally:
-        stop_server(server)
+        stop(server)
 
 
 @pytest.mark.parametrize("top", ["0", "-1", "1001", "ten"])

@@ -15,6 +15,7 @@ import yaml
 
 from dudch import DudchError
 from pipeline.data import fetch_pinned, pin
+from tests import datasets
 from tests.conftest import S3_CREDENTIALS
 from tests.helpers import ROOT, dudch
 
@@ -31,20 +32,6 @@ def dvc(*args, cwd):
     subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, check=True, capture_output=True)
 
 
-def own_dataset(folder, openclipart_root):
-    """A manifest over real drawings: their SVG files, their tags as text, their folder as label."""
-    (folder / "images").mkdir(parents=True)
-    from dudch import openclipart
-
-    records = []
-    for path in sorted(openclipart_root.glob("*/*.svg"))[:ITEMS]:
-        name = f"images/{len(records)}.svg"
-        (folder / name).write_bytes(path.read_bytes())
-        records.append(dict(image=name, text=" ".join(openclipart.parse_tags(path.read_bytes())),
-                            labels=[path.parent.name]))
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory, s3_endpoint, openclipart_root):
     """A project with data/own tracked by DVC, pushed to s3://dudch-data/store, committed."""
@@ -52,7 +39,7 @@ def origin(tmp_path_factory, s3_endpoint, openclipart_root):
     repo = tmp_path_factory.mktemp("origin")
     git("init", "-q", cwd=repo)
     dvc("init", "-q", cwd=repo)
-    own_dataset(repo / "data" / "own", openclipart_root)
+    datasets.drawings_manifest(repo / "data" / "own", openclipart_root, ITEMS)
     dvc("add", "-q", "data/own", cwd=repo)
     done = dudch("data", "remote", f"s3://{BUCKET}/store", "--endpoint-url", s3_endpoint, cwd=repo)
     assert done.returncode == 0, done.stderr

@@ -7,15 +7,14 @@ credential in any layer."""
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
-from tests.conftest import S3_CREDENTIALS, free_port, wait_for_port
+from tests import datasets
+from tests.conftest import S3_CREDENTIALS, free_port, start_mlflow_server, stop
 from tests.helpers import ROOT, dudch
 
 IMAGE = os.environ.get("DUDCH_IMAGE_UNDER_TEST")
@@ -49,52 +48,29 @@ def test_the_pipeline_is_compiled_against_the_pushed_digest_and_installs_nothing
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    settings = {"MLFLOW_PORT": str(port), "MLFLOW_ARTIFACTS_DESTINATION": str(folder / "artifacts"),
-                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-    process = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")], env={**os.environ, **settings},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_port(port, process, "mlflow/server.sh", timeout=120)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if requests.get(f"{url}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        os.killpg(process.pid, 9)
-        process.wait(timeout=30)
+    process, url = start_mlflow_server(free_port(), MLFLOW_ARTIFACTS_DESTINATION=str(folder / "artifacts"),
+                                       MLFLOW_BACKEND_STORE_URI=f"sqlite:///{folder / 'mlflow.db'}")
+    yield url
+    stop(process)
 
 
-def subset(folder, openclipart_root):
-    """A manifest over the first ITEMS real drawings, their tags as text, their folder as label."""
-    from dudch import openclipart
+def run(server, manifest, *extra):
+    """(wall seconds, parent run id, the student's codes.npz arrays, as its MLflow run holds
+    them) of one `dudch run`."""
+    import mlflow
 
-    (folder / "images").mkdir(parents=True)
-    records = []
-    for path in sorted(openclipart_root.glob("*/*.svg"))[:ITEMS]:
-        name = f"images/{len(records)}.svg"
-        (folder / name).write_bytes(path.read_bytes())
-        records.append(dict(image=name, text=" ".join(openclipart.parse_tags(path.read_bytes())),
-                            labels=[path.parent.name]))
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder / "pairs.jsonl"
+    from components.tracking import stage_children
 
-
-def run(server, manifest, outputs, *extra):
-    """(wall seconds, parent run id, the student's codes.npz arrays) of one `dudch run`."""
-    before = set(outputs.glob("dudch-*"))
     started = time.time()
     done = dudch("run", "--dataset", f"manifest:{manifest}", *PARAMS, *extra, env={"MLFLOW_TRACKING_URI": server})
     wall = time.time() - started
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (folder,) = set(outputs.glob("dudch-*")) - before
-    (codes,) = folder.glob("for-loop-2-iteration-*/train-student/student/codes.npz")
-    with np.load(codes) as saved:
-        return wall, done.stdout.split("MLflow parent run ")[1].split()[0], dict(saved)
+    run_id = done.stdout.split("MLflow parent run ")[1].split()[0]
+    mlflow.set_tracking_uri(server)
+    client = mlflow.MlflowClient()
+    (student,) = stage_children(client, client.get_run(run_id), "student", BITS)
+    with np.load(client.download_artifacts(student.info.run_id, "retrieval/codes.npz")) as saved:
+        return wall, run_id, dict(saved)
 
 
 def stage_times(server, run_id):
@@ -116,9 +92,9 @@ def results(server, run_id):
 
 
 def test_every_stage_in_the_image_gives_what_the_subprocess_runner_gives(server, tmp_path, openclipart_root):
-    manifest = subset(tmp_path / "data", openclipart_root)
-    docker_wall, docker_run, docker_codes = run(server, manifest, ROOT / ".dudch", "--image", IMAGE)
-    local_wall, local_run, local_codes = run(server, manifest, ROOT / ".dudch" / "kfp")
+    manifest = datasets.drawings_manifest(tmp_path / "data", openclipart_root, ITEMS)
+    docker_wall, docker_run, docker_codes = run(server, manifest, "--image", IMAGE)
+    local_wall, local_run, local_codes = run(server, manifest)
     np.testing.assert_array_equal(docker_codes["item_id"], local_codes["item_id"])
     same_codes = bool(np.array_equal(docker_codes["codes"], local_codes["codes"]))
     docker_results, local_results = results(server, docker_run), results(server, local_run)

@@ -3,8 +3,6 @@ on S3 (the loopback moto endpoint); the pipeline logs to it, a run is promoted (
 reads the holder's scores from the server), searched and compared, and the model loads back
 through the server with the run's codes."""
 
-import os
-import subprocess
 
 import boto3
 import mlflow
@@ -12,8 +10,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_for_port
-from tests.helpers import ROOT, dudch, run_pipeline
+from tests.conftest import free_port, start_mlflow_server, stop
+from tests.helpers import dudch, run_pipeline
 
 BUCKET = "mlflow-artifacts"
 
@@ -22,24 +20,12 @@ BUCKET = "mlflow-artifacts"
 def tracking_server(s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
     port = free_port()
-    settings = {"MLFLOW_PORT": str(port), "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/team",
+    settings = {"MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/team",
                 "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path_factory.mktemp('server') / 'mlflow.db'}",
                 "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    server = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")], env={**os.environ, **settings},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, server, "mlflow/server.sh", timeout=120)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if requests.get(f"{url}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-        yield dict(url=url, endpoint=s3_endpoint)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    process, url = start_mlflow_server(port, **settings)
+    yield dict(url=url, endpoint=s3_endpoint)
+    stop(process)
 
 
 @pytest.fixture(scope="module")
