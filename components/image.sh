@@ -98,7 +98,8 @@ DUDCH_IMAGE_UNDER_TEST=$digest DUDCH_IMAGE_REPORT="$WORK/report.json" .venv/bin/
   echo "# The container image"
   echo
   echo "Machine: $(.venv/bin/python -c 'from benchmarks.quality import machine; print(machine())'). Docker $($DOCKER version --format '{{.Server.Version}}'),"
-  echo "base \`local/debian:bookworm\` (debootstrap minbase). Command: \`make image-test\` at commit $(git rev-parse --short HEAD)."
+  echo "base \`local/debian:bookworm\` (debootstrap minbase). Command: \`${DUDCH_IMAGE_NO_CACHE:+DUDCH_IMAGE_NO_CACHE=1 }DUDCH_IMAGE_VARIANTS=\"$VARIANTS\" make image-test\`"
+  echo "at commit $(git rev-parse --short HEAD)."
   echo
   echo "| variant | build time ($([ -n "${DUDCH_IMAGE_NO_CACHE:-}" ] && echo "no layer cache" || echo "layer cache allowed")) | image size |"
   echo "|---|---|---|"
@@ -121,7 +122,8 @@ print("|---|---|---|")
 for stage, seconds in report["docker"]["stages"].items():
     print(f"| {stage} | {seconds:.1f} s | {report['subprocess']['stages'][stage]:.1f} s |")
 print()
-print(f"Same results: {report['same']}")
+print(f"Same results: {report['same']}. The image features of these drawings were already in the shared "
+      f"cache (.dudch/cache, by content), so prepare only read them in both runs.")
 PY
 } > benchmarks/results/image.md
 cat benchmarks/results/image.md
