@@ -19,7 +19,9 @@ def test_a_second_pod_fetches_the_features_instead_of_decoding(openclipart_root,
     source = f"openclipart:{openclipart_root}"
     first, _, _ = prepare.prepare(source, tmp_path / "pod-a", CONFIG, progress=False, shared_cache=shared)
     stored = boto3.client("s3").list_objects_v2(Bucket="dudch-cache", Prefix="features/")["Contents"]
-    assert sorted(o["Key"].split("/")[1].split("-")[0] for o in stored) == ["image", "pixels"]
+    names = sorted(o["Key"].split("/")[1] for o in stored)  # each entry, and its seal
+    assert [n.split("-")[0] for n in names] == ["image", "image", "pixels", "pixels"]
+    assert [n for n in names if n.endswith(".seal.json")] == [n + ".seal.json" for n in names if not n.endswith(".json")]
 
     decoded = []
     monkeypatch.setattr(sources, "read_image", lambda path, size: decoded.append(path))
