@@ -147,7 +147,9 @@ def log_networks(saved_nets, name):
     given rather than inferred: inference would import and run the model in a subprocess."""
     import torch
 
-    mlflow.pyfunc.log_model(name=name, loader_module="pipeline.serving", data_path=str(saved_nets),
+    from pipeline.serving import LOADER_MODULE
+
+    mlflow.pyfunc.log_model(name=name, loader_module=LOADER_MODULE, data_path=str(saved_nets),
                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dudch"])
 
 

@@ -303,6 +303,8 @@ def _run(args):
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     started, status, plain_print = time.perf_counter(), "FAILED", builtins.print
     console = RunConsole(logs)
+    # The tasks' outputs; in containers, all of .dudch, the one folder the DockerRunner mounts.
+    outputs = root / ".dudch" if args.image else root / ".dudch" / "kfp"
     # Each task's launcher makes a temporary folder (`mktemp -d`) that it never removes: here
     # they land in one folder per run, removed when the run ends.
     scratch.mkdir(parents=True)
@@ -313,7 +315,7 @@ def _run(args):
         with contextlib.nullcontext() if args.verbose else console:
             # Caching as on a cluster: prepare and teacher are reused when their inputs are
             # identical (and the earlier output still exists, see --keep-runs).
-            runner, outputs, task_dataset = _local_runner(root, args.image, dataset, scratch)
+            runner, task_dataset = _local_runner(args.image, dataset, scratch)
             kfp.local.init(runner=runner, pipeline_root=str(outputs), enable_caching=not args.no_cache,
                            cache_root=str(root / ".dudch" / "kfp-cache"))
             dudch_pipeline(dataset=task_dataset, cache_dir=str(root / ".dudch" / "cache"),
@@ -344,7 +346,7 @@ def _run(args):
             print(f"warning: could not end MLflow run {run_id} ({redact(first_line(error))[:120]}); "
                   f"`dudch report` and `dudch compare` show it as INTERRUPTED", file=sys.stderr)
         shutil.rmtree(scratch, ignore_errors=True)
-        _keep_latest(root / ".dudch" / ("kfp" if not args.image else ""), args.keep_runs, "dudch-*")
+        _keep_latest(outputs, args.keep_runs, "dudch-*")
         _keep_latest(root / ".dudch" / "logs", args.keep_runs)
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Results (query set, "
           f"mAP@50 and mAP@all; distinct: distinct database codes / database size):\n")
@@ -432,8 +434,8 @@ def _check_image(image, tracking_uri):
                              f"build and push it (make image-test shows how) or check the name") from None
 
 
-def _local_runner(root, image, dataset, scratch):
-    """(KFP local runner, pipeline root, the SOURCE as the tasks see it). In a subprocess the
+def _local_runner(image, dataset, scratch):
+    """(KFP local runner, the SOURCE as the tasks see it). In a subprocess the
     tasks see this machine. In containers (`image`) they see one mount, .dudch (outputs, logs,
     caches, this run's scratch folder), at its own path: the dataset's folder is linked into the
     scratch folder (hard links: no copy), as KFP's workspace mount would delete it after the run.
@@ -441,7 +443,7 @@ def _local_runner(root, image, dataset, scratch):
     import kfp.local
 
     if not image:
-        return kfp.local.SubprocessRunner(use_venv=False), root / ".dudch" / "kfp", dataset
+        return kfp.local.SubprocessRunner(use_venv=False), dataset
     kind, _, path = dataset.partition(":")
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     staged = scratch / "dataset"
@@ -449,7 +451,7 @@ def _local_runner(root, image, dataset, scratch):
     environment = {k: v for k, v in os.environ.items() if k.startswith(TASK_ENV_PREFIXES)}
     runner = kfp.local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
                                     environment={**environment, "HOME": "/tmp"})
-    return runner, root / ".dudch", f"{kind}:{staged / Path(path).relative_to(folder)}"
+    return runner, f"{kind}:{staged / Path(path).relative_to(folder)}"
 
 
 def _link_or_copy(source, destination):
