@@ -3,11 +3,12 @@
 import contextlib
 import io
 import re
+import sys
 from collections import Counter
 
 import numpy as np
 
-from dudch import DudchError
+from dudch import DudchError, reuse_freed_memory
 
 IMAGE_EXTRACTOR = "efficientnet-lite0"
 IMAGE_FEATURE_DIM = 1280
@@ -70,7 +71,8 @@ def render_svg(path, size=224):
     Internal entities are expanded first (`expand_internal_entities`); cairosvg refuses
     external references and any entity left.
     """
-    import cairosvg
+    from cairosvg.parser import Tree
+    from cairosvg.surface import PNGSurface
     from PIL import Image
 
     svg = _bounded_bytes(path)
@@ -80,14 +82,29 @@ def render_svg(path, size=224):
     try:
         # The file's own address resolves its references to itself (gradients by #id).
         base = {} if isinstance(path, bytes) else dict(url=str(path))
-        png = cairosvg.svg2png(bytestring=svg, **base, output_width=size, background_color="white")
-        image = Image.open(io.BytesIO(png)).convert("RGB")
+        # Drawn on construction; read straight from the canvas (no PNG written and read back).
+        surface = PNGSurface(Tree(bytestring=svg, **base), None, 96, output_width=size, background_color="white")
+        image = Image.fromarray(_cairo_rgb(surface.cairo))
     except Exception:  # cairosvg raises many unrelated types for malformed input
         return None
     image.thumbnail((size, size))
     canvas = Image.new("RGB", (size, size), "white")
     canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return np.asarray(canvas)
+
+
+def _cairo_rgb(surface):
+    """A cairo ARGB32 image surface as uint8 (h, w, 3): its colours un-premultiplied as cairo does
+    when it writes a PNG (so the pixels equal those of the PNG it would write), alpha dropped."""
+    surface.flush()
+    height, width, stride = surface.get_height(), surface.get_width(), surface.get_stride()
+    bgra = np.frombuffer(surface.get_data(), np.uint8).reshape(height, stride // 4, 4)[:, :width]
+    if sys.byteorder == "big":
+        bgra = bgra[..., ::-1]  # ARGB32 is a native-endian 32-bit word per pixel
+    rgb, alpha = bgra[..., 2::-1].astype(np.uint32), bgra[..., 3:].astype(np.uint32)
+    partial = np.broadcast_to(alpha < 255, rgb.shape)
+    rgb[partial] = ((rgb * 255 + alpha // 2) // np.maximum(alpha, 1))[partial]
+    return rgb.astype(np.uint8)
 
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -162,6 +179,7 @@ class ImageEncoder:
     def __init__(self, device="cpu"):
         self.device = device
         self.model = efficientnet_backbone().eval().to(device)
+        reuse_freed_memory()
 
     def encode(self, images):
         import torch

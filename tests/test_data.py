@@ -37,6 +37,45 @@ def test_render_keeps_aspect_on_a_white_canvas(tmp_path):
     assert render_svg(tmp_path / "bad.svg") is None
 
 
+
+def test_the_canvas_is_read_as_the_png_cairo_would_write():
+    """render_svg reads cairo's canvas directly: its pixels must equal the PNG's, translucent ones
+    (premultiplied in the canvas) included."""
+    import io
+
+    import cairocffi
+    from PIL import Image
+
+    from dudch.features import _cairo_rgb
+
+    surface = cairocffi.ImageSurface(cairocffi.FORMAT_ARGB32, 37, 5)  # stride wider than 37 pixels
+    context = cairocffi.Context(surface)
+    for x, alpha in enumerate(np.linspace(0, 1, 37)):
+        context.set_source_rgba(0.9, 0.3 + x / 100, 0.05, alpha)
+        context.rectangle(x, 0, 1, 5)
+        context.fill()
+    png = io.BytesIO()
+    surface.write_to_png(png)
+    np.testing.assert_array_equal(_cairo_rgb(surface), np.asarray(Image.open(png).convert("RGB")))
+
+
+def test_reuse_freed_memory_keeps_large_blocks_off_mmap():
+    """glibc mmaps each large allocation by default (page faults on every batch); after
+    reuse_freed_memory, a 64 MiB array comes from the heap and freed memory stays for reuse."""
+    script = (
+        "import ctypes, numpy as np\n"
+        "from dudch import reuse_freed_memory\n"
+        "class Info(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in "
+        "('arena','ordblks','smblks','hblks','hblkhd','usmblks','fsmblks','uordblks','fordblks','keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = Info\n"
+        "def mapped(): a = np.ones(2**26, np.uint8); return libc.mallinfo2().hblkhd >= 2**26\n"
+        "before = mapped(); reuse_freed_memory(); print(before, mapped())\n")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.split() == ["True", "False"], result.stderr
+
 ILLUSTRATOR_SVG = b"""<?xml version="1.0"?>
 <!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd" [
   <!ENTITY ns_svg "http://www.w3.org/2000/svg">
