@@ -44,15 +44,16 @@ def with_data(task):
     return task
 
 
-def on_cluster(task, gpu=False, cache=False):
+def on_cluster(task, gpu=False, cache=False, retry=True):
     """Apply the cluster settings to `task`; returns it. Every task: credentials and endpoints
-    from the secret and config map, two retries on failure (preempted or evicted pods;
-    DUDCH_TASK_RETRIES);
+    from the secret and config map; `retry`: two retries on failure (preempted or evicted pods;
+    DUDCH_TASK_RETRIES), for tasks whose failures are the cluster's, never the user's (KFP's
+    retry policy has no condition, so a task that fails on bad input must not have one);
     `gpu`: one nvidia.com/gpu with CPU and memory requests on a GPU node; `cache`: reuse an
     earlier identical execution."""
     kubernetes.use_secret_as_env(task, SECRET, SECRET_ENV)
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_ENV)
-    retries = int(os.environ.get(RETRIES_ENV, "2"))
+    retries = int(os.environ.get(RETRIES_ENV, "2")) if retry else 0
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2)
     task.set_caching_options(cache)

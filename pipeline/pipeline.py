@@ -119,7 +119,10 @@ def dudch_pipeline(
                                 min_word_count=min_word_count, min_label_size=min_label_size,
                                 text_features=text_features, image_input=teacher_image_input,
                                 on_bad_image=on_bad_image, max_bad_image_fraction=max_bad_image_fraction).set_display_name("prepare data")
-        with_data(on_cluster(prepared, cache=True))
+        # Not retried: after `dudch submit`'s checks, a bad dataset (missing, corrupt, too many
+        # undecodable images) is the one failure left to the user, and it is found here. A
+        # retry would repeat it after minutes of backoff; a preempted prepare is resubmitted.
+        with_data(on_cluster(prepared, cache=True, retry=False))
         # The cached stages take no run id; these tasks log their records to this run.
         on_cluster(log_stage(record=prepared.outputs["record"], mlflow_parent_run_id=mlflow_parent_run_id)
                    .set_display_name("log prepare to MLflow"))
