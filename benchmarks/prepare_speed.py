@@ -8,6 +8,7 @@ that none inherits another's allocator state:
            (`dudch.prepare._decode`), glibc's default allocator;
   after    as overlap, with large freed blocks kept for reuse
            (`dudch.reuse_freed_memory`, which `ImageEncoder` calls): how `dudch.prepare` runs now.
+All three read SVGs the current way (straight from cairo's canvas, not through a PNG).
 
 Also checks that the features are the same (max abs difference), so the cache keys stay.
 
