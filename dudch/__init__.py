@@ -40,11 +40,12 @@ def redact(text):
 
 def reuse_freed_memory():
     """Make glibc's malloc keep large freed blocks for reuse instead of returning them to the
-    system. By default each allocation over 32 MiB is a fresh mmap (and smaller ones often
-    are), so every batch's tensors are page-faulted in again: on 2 cores that cost more than
-    the arithmetic (EfficientNet-Lite0 about 30 -> 70 images/s, benchmarks/prepare_speed.py;
-    teacher and student tasks about 1.4x faster). The process keeps its peak memory for reuse
-    (up to 2 GiB free). Call it once per process; no effect without glibc."""
+    system. By default an allocation above the mmap threshold (at most 32 MiB) is a fresh mmap
+    and freed memory at the heap's top goes back to the system, so every batch's tensors are
+    page-faulted in again: on 2 cores that cost more than the arithmetic (EfficientNet-Lite0
+    35 -> 70 images/s, benchmarks/prepare_speed.py; teacher and student tasks about 1.4x
+    faster). The process keeps its peak memory for reuse (up to 2 GiB free). Call it once per
+    process; no effect without glibc."""
     import ctypes
     import ctypes.util
 
