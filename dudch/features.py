@@ -101,10 +101,11 @@ def _cairo_rgb(surface):
     bgra = np.frombuffer(surface.get_data(), np.uint8).reshape(height, stride // 4, 4)[:, :width]
     if sys.byteorder == "big":
         bgra = bgra[..., ::-1]  # ARGB32 is a native-endian 32-bit word per pixel
-    rgb, alpha = bgra[..., 2::-1].astype(np.uint32), bgra[..., 3:].astype(np.uint32)
-    partial = np.broadcast_to(alpha < 255, rgb.shape)
-    rgb[partial] = ((rgb * 255 + alpha // 2) // np.maximum(alpha, 1))[partial]
-    return rgb.astype(np.uint8)
+    rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]
+    if (alpha == 255).all():  # the usual case: drawn on an opaque background
+        return np.ascontiguousarray(rgb)
+    rgb, alpha = rgb.astype(np.uint32), alpha.astype(np.uint32)
+    return ((rgb * 255 + alpha // 2) // np.maximum(alpha, 1)).astype(np.uint8)
 
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
