@@ -43,7 +43,7 @@ def reuse_freed_memory():
     system. By default an allocation above the mmap threshold (at most 32 MiB) is a fresh mmap
     and freed memory at the heap's top goes back to the system, so every batch's tensors are
     page-faulted in again: on 2 cores that cost more than the arithmetic (EfficientNet-Lite0
-    35 -> 70 images/s, benchmarks/prepare_speed.py; teacher and student tasks about 1.4x
+    about 30 -> 70 images/s, benchmarks/prepare_speed.py; teacher and student tasks about 1.4x
     faster). The process keeps its peak memory for reuse (up to 2 GiB free). Call it once per
     process; no effect without glibc."""
     import ctypes
