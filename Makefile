@@ -44,11 +44,14 @@ benchmarks: data
 
 # torch first and alone: pip takes the CPU build from this machine's disk, and the lock
 # (which leaves torch out) then finds it satisfied instead of pulling in CUDA libraries.
+# The lock goes in with uv, which installs the exact pins in parallel: about 30 s instead of
+# pip's 2 minutes. Bytecode is compiled at install, since tasks import from the venv.
+UV_VERSION := 0.13.9
 $(INSTALLED): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 uv==$(UV_VERSION)
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode --no-deps -e .
 	touch $@
 
 # Re-resolve the pins (slow: minutes) after changing dependencies in pyproject.toml.
