@@ -42,10 +42,11 @@ benchmarks: data
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/scale.py
 
-# torch first and alone: pip takes the CPU build from this machine's disk, and the lock
-# (which leaves torch out) then finds it satisfied instead of pulling in CUDA libraries.
-# The lock goes in with uv, which installs the exact pins in parallel: about 30 s instead of
-# pip's 2 minutes. Bytecode is compiled at install, since tasks import from the venv.
+# torch first, with pip (which also brings uv): pip takes the CPU build from this machine's
+# disk, and the lock (which leaves torch out) then finds it satisfied instead of pulling in
+# CUDA libraries. The lock goes in with uv, which installs the exact pins in parallel: about
+# 30 s instead of pip's 2 minutes. Bytecode is compiled at install (uv's default is not to),
+# or every task would compile its imports again where PYTHONDONTWRITEBYTECODE is set.
 UV_VERSION := 0.13.9
 $(INSTALLED): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
