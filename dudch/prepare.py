@@ -71,7 +71,7 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cac
                              f"fine-tune on pixels; use teacher_image_input=features")
         image, pixels, thumbnails = data.image_features, None, None
     else:
-        image, rendered, thumbnails, pixels = _images(data, cache_dir, config, progress, shared_cache, warnings)
+        image, rendered, thumbnails, pixels = cached_image_features(data, cache_dir, config, progress, shared_cache, warnings)
         bad_images = _bad_image_policy(data, rendered, config)
         if bad_images:
             shown = ", ".join(bad_images[:3]) + (f" and {len(bad_images) - 3} more" if len(bad_images) > 3 else "")
@@ -187,16 +187,23 @@ def _bad_image_policy(data, decoded, config):
     return data.path[bad].tolist()
 
 
-def _images(data, cache_dir, config, progress, shared_cache, warnings):
+def image_cache_paths(cache_dir, content_keys, config):
+    """(image features entry, pixels entry) of the cache for these images and settings."""
+    cache = Path(cache_dir)
+    features = _cache_key(content_keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]',
+                          thumbnail=THUMBNAIL_SIZE, decoder=DECODER)
+    return (cache / f"image-features-{features}.npz",
+            cache / f"pixels-{_cache_key(content_keys, size=config.image_size, decoder=DECODER)}.npy")
+
+
+def cached_image_features(data, cache_dir, config, progress, shared_cache, warnings):
     """(features float32 (n, 1280), decoded bool (n,), thumbnails uint8 (n, 64, 64, 3), pixels
     uint8 (n, size, size, 3) when config.keep_pixels else None). All are cached by the images'
     content keys and the extractor settings (pixels as a memory-mappable .npy); whatever the
     cache lacks is computed in one decoding pass. Each cache entry has a seal (`_seal`): an
     entry that does not match it is reported in `warnings`, discarded and computed again."""
-    cache = Path(cache_dir)
     keys = data.content_keys
-    features_path = cache / f"image-features-{_cache_key(keys, extractor=IMAGE_EXTRACTOR, size=config.image_size, normalisation='[-1,1]', thumbnail=THUMBNAIL_SIZE, decoder=DECODER)}.npz"
-    pixels_path = cache / f"pixels-{_cache_key(keys, size=config.image_size, decoder=DECODER)}.npy"
+    features_path, pixels_path = image_cache_paths(cache_dir, keys, config)
     items = hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()
     missing = []
     for path in [features_path] + ([pixels_path] if config.keep_pixels else []):

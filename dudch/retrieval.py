@@ -179,8 +179,100 @@ def save(directory, student_path, encoders, codes, item_id, text):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "student.pt").write_bytes(Path(student_path).read_bytes())
     save_json(directory / "encoders.json", encoders)
-    save_npz(directory / "database.npz", codes=pack(codes), bits=np.array(codes.shape[1]),
-             item_id=np.asarray(item_id), text=np.asarray(text))
+    _save_database(directory, pack(codes), codes.shape[1], item_id, text)
+
+
+def _save_database(directory, packed, bits, item_id, text):
+    save_npz(Path(directory) / "database.npz", codes=packed, bits=np.array(bits),
+             item_id=np.asarray(item_id, dtype=str), text=np.asarray(text, dtype=str))
+
+
+def joint_codes(student, image, text):
+    """Database codes int8 (n, bits) for new pairs from the student's networks alone:
+    sign(u + v), u = tanh(g_I(x)), v = tanh(g_T(y)) (image float32 (n, d_image), text float32
+    (n, d_text)). A new item has no similarity to the others (the teacher is not part of the
+    model), so of the student's objective only gamma (||b - u||^2 + ||b - v||^2) speaks about its
+    code, and sign(u + v) is its minimiser over {-1, +1}^bits: one code serving both directions,
+    as the DCC codes do. benchmarks/index_growth.py measures it against either modality alone."""
+    h_image, h_text = nets.hash_outputs(student, image, text)
+    return nets.sign(np.tanh(h_image) + np.tanh(h_text))
+
+
+def item_features(source, encoders, student, cache_dir, progress=True):
+    """The items of a dataset (a SOURCE, `dudch.sources`) as a model's encoders make them, for
+    adding to its database: {"item_id": str (n,), "text": str (n,) as shown in results,
+    "image": float32 (n, image_dim), "text_features": float32 (n, text_dim), "warnings": [str]}.
+    Images go through the same decoding, encoder and feature cache as the prepare stage; items
+    whose image cannot be decoded are left out and counted in the warnings. A dataset whose
+    features cannot be the model's (other image features, a bag-of-words of unknown words or
+    another width) is refused with a DudchError."""
+    from dudch import prepare, sources
+    from dudch.features import bag_of_words_for, minilm_embeddings
+
+    data = sources.load(source, min_label_size=1)  # labels play no part here
+    warnings = list(data.warnings)
+    dims, text_spec, image_spec = student.dims, encoders["text"], encoders["image"]
+    if image_spec["kind"] == "given":
+        if data.image_features is None or data.image_features.shape[1] != dims["image_dim"]:
+            given = "images" if data.image_features is None else f"image features of width {data.image_features.shape[1]}"
+            raise DudchError(f"{source} gives {given}, but the model was trained on given image features of "
+                             f"width {dims['image_dim']}; add items with the same kind of image features")
+        image = data.image_features
+    else:
+        if data.images is None:
+            raise DudchError(f"{source} gives image features, but the model encodes images with "
+                             f"{image_spec['kind']}; add items as image files")
+        config = prepare.PrepareConfig(image_size=image_spec["size"])
+        image, decoded, _, _ = prepare.cached_image_features(data, cache_dir, config, progress, None, warnings)
+        if not decoded.all():
+            bad = data.path[~decoded]
+            warnings.append(f"{len(bad)} images could not be decoded and were left out: {', '.join(bad[:3])}"
+                            + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+            data, image = data.subset(decoded), image[decoded]
+    words_known = data.texts is not None or data.vocabulary is not None
+    if text_spec["kind"] == "given":
+        if data.text_bow is None or data.text_bow.shape[1] != dims["text_dim"]:
+            given = "texts" if data.text_bow is None else f"a bag-of-words of width {data.text_bow.shape[1]}"
+            raise DudchError(f"{source} gives {given}, but the model was trained on given text features of "
+                             f"width {dims['text_dim']}; add items with the same bag-of-words columns")
+        text = data.text_bow
+    elif not words_known or (text_spec["kind"] == "minilm" and data.texts is None):
+        raise DudchError(f"{source} gives a bag-of-words without its words, but the model encodes "
+                         f"{'sentences' if text_spec['kind'] == 'minilm' else 'words of its vocabulary'}; "
+                         f"add items with their texts (e.g. a manifest)")
+    elif text_spec["kind"] == "bow":
+        text = bag_of_words_for(data.display_text().tolist(), text_spec["vocabulary"])
+    else:
+        text = minilm_embeddings(data.display_text().tolist())
+    image, text = nets.check_pairs(image, text)
+    return dict(item_id=data.item_id, text=data.display_text(), image=image, text_features=text,
+                warnings=warnings)
+
+
+def grow(retriever, directory, codes, item_id, text):
+    """Write the database of `retriever` with items appended into the retriever folder
+    `directory` (a copy of its own folder: networks and encoders stay as they are): codes int8
+    (m, bits), ids and texts str (m,). Ids it holds already, or given twice, are refused."""
+    item_id = np.asarray(item_id, dtype=str)
+    if codes.shape[1] != retriever.bits or not len(codes) == len(item_id) == len(text):
+        raise DudchError(f"new items need {retriever.bits}-bit codes, one per id and text")
+    held = np.isin(item_id, retriever.item_id)
+    if held.any() or len(set(item_id)) < len(item_id):
+        raise DudchError(f"item {item_id[held][0] if held.any() else item_id[0]} is already in the index "
+                         f"(or given twice); an id is added once")
+    _save_database(directory, np.concatenate([retriever.packed, pack(codes)]), retriever.bits,
+                   np.concatenate([retriever.item_id.astype(str), item_id]),
+                   np.concatenate([retriever.text.astype(str), np.asarray(text, dtype=str)]))
+
+
+def shrink(retriever, directory, item_ids):
+    """Write the database of `retriever` without the items `item_ids` (ids it does not hold are
+    ignored) into the retriever folder `directory`, as `grow` does. At least one item stays."""
+    keep = ~np.isin(retriever.item_id, np.asarray(item_ids, dtype=str))
+    if not keep.any():
+        raise DudchError("that would remove every item of the index; keep at least one")
+    _save_database(directory, retriever.packed[keep], retriever.bits, retriever.item_id[keep],
+                   retriever.text[keep])
 
 
 def load(directory, index="auto"):

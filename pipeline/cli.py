@@ -141,6 +141,36 @@ def _parser():
     search.add_argument("--top", type=_top_k, default=10, help="how many items to list (1 to 1000)")
     search.set_defaults(handler=_search)
 
+    index = commands.add_parser("index", help="grow or shrink a registered model's database without "
+                                "retraining: a new version of the model, with its lineage").add_subparsers(
+                                    title="index commands")
+    grow = index.add_parser("add", help="encode a dataset's items with the model's own encoders, give "
+                            "each a database code, and register the grown database as a new version",
+                            description="Encode the items of SOURCE with the model's own encoders "
+                            "(EfficientNet-Lite0 and its bag-of-words vocabulary or sentence model), "
+                            "give each pair the database code sign(u + v) of the student's two networks, "
+                            "append them to the model's database, and register the result as a new "
+                            "version with lineage tags (parent version, items added, dataset and its "
+                            "DVC version). Items whose id the database holds already are skipped "
+                            "(ids: a drawing's SHA-1 for OpenClipart, the image path for a manifest). "
+                            "No alias moves unless --alias is given.")
+    shrink = index.add_parser("remove", help="remove items (by id) from the model's database and register "
+                              "the result as a new version")
+    for command in (grow, shrink):
+        command.add_argument("--model", default="models:/dudch@production",
+                             help="the registered version to start from: models:/NAME@ALIAS or models:/NAME/VERSION "
+                             "(default: models:/dudch@production)")
+        if command is grow:
+            command.add_argument("--dataset", required=True, metavar="SOURCE", help=SOURCES_HELP)
+        else:
+            command.add_argument("--ids", required=True, type=Path, metavar="FILE",
+                                 help="a text file of item ids, one a line (as `dudch search` prints them)")
+        command.add_argument("--name", help="register the new version under this model name (default: "
+                             "the model's own)")
+        command.add_argument("--alias", help="move this alias (e.g. production) to the new version; by "
+                             "default no alias moves")
+        command.set_defaults(handler=_index)
+
     compare = commands.add_parser("compare", help="student mAP@50 and mAP@all by bits and direction "
                                   "across the latest pipeline runs, and the parameters that differ")
     compare.add_argument("--last", type=int, default=5, metavar="N", help="how many runs (default 5)")
@@ -480,8 +510,8 @@ def _resolve_dataset(root, source, params, on_this_machine):
         raise DudchError(f"dataset not found at {local}; {fix}")
     pin = data.pin(local, root, check_workspace=True)
     if pin["md5"] is None:
-        print(f"warning: {local} is not tracked by DVC, so this run's data version is not "
-              f"pinned; `dvc add` it and commit the .dvc file", file=sys.stderr)
+        print(f"warning: {local} is not tracked by DVC, so no data version is recorded for it; "
+              f"`dvc add` it and commit the .dvc file", file=sys.stderr)
     return f"{kind}:{local}", pin, local
 
 
@@ -581,6 +611,29 @@ def _search(args):
         print(f"{row['rank']:>4}  {row['id']:<42} {row['distance']:>7}  {row['text']}")
     if warning:
         print(f"note: {warning}", file=sys.stderr)
+
+
+def _index(args):
+    from pipeline import index, tracking
+
+    root = Path.cwd().resolve()
+    tracking.connect(root)
+    started = time.perf_counter()
+    if hasattr(args, "dataset"):
+        dataset, pin, _ = _resolve_dataset(root, args.dataset, {}, on_this_machine=True)
+        result = index.add(args.model, dataset, pin["md5"], str(root / ".dudch" / "cache"), args.name, args.alias,
+                           progress=sys.stderr.isatty())
+        change = f"{result['added']} items added"
+    else:
+        result = index.remove(args.model, index.read_ids(args.ids), args.name, args.alias)
+        change = f"{result['removed']} items removed"
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    moved = f"@{args.alias} moved to it" if args.alias else "no alias moved (pass --alias to move one)"
+    uri = f"models:/{result['name']}/{result['version']}"
+    print(f"{result['name']} version {result['version']}: version {result['parent']} with {change}, "
+          f"{result['items']} items in all, in {time.perf_counter() - started:.0f} s; {moved}\n"
+          f"search it: dudch search --model {uri} --text ...")
 
 
 def _compare(args):

@@ -93,6 +93,12 @@ def _input_example(retriever):
     return pd.DataFrame({"text_features": [np.zeros(width, dtype=np.float32).tolist()]})
 
 
+def quiet_mlflow():
+    """Quiet MLflow's download bars and "Created version" notices: a command prints its outcome once."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
     """Register the student of pipeline run `run_id` as a version of model `name` and move
     `alias` to it, when it passes the gate: at the alias holder's bit length, its mAP@50 and
@@ -102,9 +108,7 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    # Quiet MLflow's download bars and "Created version" notices: the outcome is printed once.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    quiet_mlflow()
     client = mlflow.MlflowClient()
     parent, bits, scores = candidate(client, run_id, bits)
     holder = None
@@ -120,30 +124,45 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
         decision = "forced: " + decision.removeprefix("refused: ")
 
     commit = {k: v for k, v in parent.data.tags.items() if k == "mlflow.source.git.commit"}
+    tags = {"dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
+            **{f"dudch.{m}": str(v) for m, v in scores.items() if v is not None},
+            **{f"dudch.holder_{m}": str(v) for m, v in held.items() if v is not None}}
     with tempfile.TemporaryDirectory() as tmp:
-        retriever_dir = build(client, parent, bits, tmp)
-        probe = serving._load_pyfunc(retriever_dir)  # a loaded copy to check the model before it is logged
-        example = _input_example(probe.retriever)
-        probe.predict(example, {"top_k": 1})  # fails here, not in production, if broken
-        with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=f"promote-{bits}bits",
-                              parent_run_id=parent.info.run_id,
-                              tags={KIND_TAG: "promotion", "dudch.bits": str(bits), **commit}):
-            # Data only (`retriever_dir`); the installed `pipeline.serving` reads it.
-            logged = mlflow.pyfunc.log_model(
-                name="retrieval", loader_module=serving.LOADER_MODULE, data_path=str(retriever_dir),
-                signature=SIGNATURE, input_example=example, pip_requirements=_requirements())
+        version = register(build(client, parent, bits, tmp), name, tags, alias, experiment_id=parent.info.experiment_id,
+                           run_name=f"promote-{bits}bits", parent_run_id=parent.info.run_id,
+                           run_tags={KIND_TAG: "promotion", "dudch.bits": str(bits), **commit})
+    return dict(name=name, version=version.version, decision=decision, scores=scores, held=held)
+
+
+def register(retriever_dir, name, tags, alias, experiment_id, run_name, parent_run_id, run_tags):
+    """Check a retriever folder by loading and querying it, log it as a pyfunc model in a new
+    MLflow run (`run_name`, `run_tags`, under `parent_run_id` in `experiment_id`), register that
+    as a new version of model `name` with `tags`, and move `alias` to it (None: no alias moves).
+    Returns the ModelVersion. Until the version is created nothing is registered, so a failure
+    or an interruption before leaves every registered version as it was."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    probe = serving._load_pyfunc(retriever_dir)  # a loaded copy to check the model before it is logged
+    example = _input_example(probe.retriever)
+    probe.predict(example, {"top_k": 1})  # fails here, not in production, if broken
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+                          tags=run_tags):
+        # Data only (`retriever_dir`); the installed `pipeline.serving` reads it.
+        logged = mlflow.pyfunc.log_model(
+            name="retrieval", loader_module=serving.LOADER_MODULE, data_path=str(retriever_dir),
+            signature=SIGNATURE, input_example=example, pip_requirements=_requirements())
     try:
         client.create_registered_model(name)
     except MlflowException:
         pass  # it exists: add a version
     version = client.create_model_version(name, logged.model_uri, run_id=logged.run_id, model_id=logged.model_id)
-    tags = {"dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
-            **{f"dudch.{m}": str(v) for m, v in scores.items() if v is not None},
-            **{f"dudch.holder_{m}": str(v) for m, v in held.items() if v is not None}}
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
-    client.set_registered_model_alias(name, alias, version.version)
-    return dict(name=name, version=version.version, decision=decision, scores=scores, held=held)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version
 
 
 def gate(scores, bits, holder):
@@ -178,18 +197,26 @@ def _requirements():
     return [f"{p}=={version(p)}" for p in ("torch", "numpy", "faiss-cpu", "mlflow", "pandas")] + ["dudch"]
 
 
-def load(model_uri):
-    """The pyfunc model at `model_uri`, after checking that loading it runs dudch's own code
-    only (`serving.check_model_folder`)."""
+def download(model_uri, destination=None):
+    """The folder of the model at `model_uri`, downloaded (into `destination`, or a temporary
+    folder), after checking that loading it runs dudch's own code only
+    (`serving.check_model_folder`)."""
     import mlflow
 
     try:
-        folder = mlflow.artifacts.download_artifacts(model_uri)
+        folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=destination)
     except Exception as error:
         raise DudchError(f"cannot load {model_uri} ({first_line(error)}); check the name and alias "
                          f"(`dudch promote` sets them)") from None
     serving.check_model_folder(folder)
-    return mlflow.pyfunc.load_model(folder)
+    return Path(folder)
+
+
+def load(model_uri):
+    """The pyfunc model at `model_uri`, checked as `download` does."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(str(download(model_uri)))
 
 
 def search(model_uri, text=None, image=None, top=10):
