@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dudch import DudchError, nets
+from dudch import DudchError, first_line, nets
 from dudch.storage import save_json, save_npz
 
 EXACT_LIMIT = 1_000_000  # above this many database items, search an approximate index
@@ -276,9 +276,35 @@ def shrink(retriever, directory, item_ids):
 
 
 def load(directory, index="auto"):
+    """The Retriever saved in `directory` (see the module docstring). Its arrays are checked:
+    a file that is missing, unreadable, holds objects (pickles) or arrays of the wrong kind is a
+    DudchError, never loaded."""
     directory = Path(directory)
     student, _ = nets.load(directory / "student.pt")
-    encoders = json.loads((directory / "encoders.json").read_text())
-    with np.load(directory / "database.npz") as saved:
-        return Retriever(student, encoders, saved["codes"], int(saved["bits"]), saved["item_id"],
-                         saved["text"], index)
+    try:
+        encoders = json.loads((directory / "encoders.json").read_text())
+        with np.load(directory / "database.npz", allow_pickle=False) as saved:
+            arrays = {k: saved[k] for k in ("codes", "bits", "item_id", "text") if k in saved.files}
+    except (OSError, ValueError) as error:
+        raise DudchError(f"cannot read the retrieval model in {directory} ({first_line(error)}); register it "
+                         f"again with `dudch promote`") from None
+    problem = _database_problem(arrays)
+    if problem:
+        raise DudchError(f"the retrieval model in {directory} is damaged: database.npz {problem}; register it "
+                         f"again with `dudch promote`")
+    return Retriever(student, encoders, arrays["codes"], int(arrays["bits"]), arrays["item_id"], arrays["text"], index)
+
+
+def _database_problem(arrays):
+    """Why database.npz arrays cannot be a database, or None."""
+    missing = [k for k in ("codes", "bits", "item_id", "text") if k not in arrays]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    codes, bits, item_id, text = (arrays[k] for k in ("codes", "bits", "item_id", "text"))
+    if bits.shape != () or bits.dtype.kind not in "iu" or not 1 <= int(bits) <= 8 * max(1, codes.shape[-1]):
+        return f"has bits {bits!r}, not a code length"
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != (int(bits) + 7) // 8 or not len(codes):
+        return f"has codes {codes.dtype} {codes.shape}, not {int(bits)}-bit codes packed as uint8 rows"
+    if item_id.dtype.kind != "U" or text.dtype.kind != "U" or item_id.shape != (len(codes),) or text.shape != (len(codes),):
+        return f"has ids {item_id.dtype} {item_id.shape} and texts {text.dtype} {text.shape}, not one string each per code"
+    return None

@@ -203,6 +203,7 @@ def download(model_uri, destination=None):
     (`serving.check_model_folder`)."""
     import mlflow
 
+    quiet_mlflow()
     try:
         folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=destination)
     except Exception as error:

@@ -256,7 +256,7 @@ class Planted:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_tampered_model_artifacts_are_refused_or_ignored(production, tmp_path):
+def test_tampered_model_artifacts_are_refused_or_ignored(pipeline_run, production, tmp_path):
     import torch
     import yaml
 
@@ -276,11 +276,30 @@ def test_tampered_model_artifacts_are_refused_or_ignored(production, tmp_path):
     nets_file = tampered("nets", lambda f: torch.save({"dims": Planted(marker)}, next(f.rglob("student.pt"))))
     with pytest.raises(Exception, match="refused to load model .*student.pt: it holds objects other than tensors"):
         mlflow.pyfunc.load_model(str(nets_file))
-    # The database codes replaced by pickled objects: refused.
+    # The database codes replaced by pickled objects, deleted, or missing an array: refused in
+    # one line, `dudch search` included.
     database = tampered("database", lambda f: np.savez(next(f.rglob("database.npz")), codes=np.array([Planted(marker)])))
-    with pytest.raises(ValueError, match="allow_pickle=False"):
+    with pytest.raises(DudchError, match="cannot read the retrieval model .*allow_pickle=False"):
         mlflow.pyfunc.load_model(str(database))
     assert not marker.exists()
+
+    def rewrite(**arrays):
+        def change(folder):
+            path = next(folder.rglob("database.npz"))
+            with np.load(path) as saved:
+                kept = {k: saved[k] for k in saved.files}
+            np.savez(path, **{k: v for k, v in {**kept, **arrays}.items() if v is not None})
+        return change
+    for name, change, message in (
+            ("deleted", lambda f: next(f.rglob("database.npz")).unlink(), "cannot read the retrieval model"),
+            ("no-codes", rewrite(codes=None), "database.npz lacks codes"),
+            ("float-codes", rewrite(codes=np.zeros((3, 4))), "not 32-bit codes packed as uint8 rows"),
+            ("short-ids", rewrite(item_id=np.array(["a"])), "not one string each per code")):
+        folder = tampered(f"database-{name}", change)
+        with pytest.raises(DudchError, match=message):
+            mlflow.pyfunc.load_model(str(folder))
+        done = dudch("search", "--model", str(folder), "--text", "tux", env=pipeline_run["env"])
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
     # Code planted beside the data, as an MLflow "model from code" or a pickled python model
     # would hold it: the loader never reads it.
