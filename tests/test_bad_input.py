@@ -8,7 +8,6 @@ bad images and the feature cache (tests/test_sources.py, tests/test_data.py), a 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -63,12 +62,10 @@ def refused(done, message, status=2):
 @pytest.mark.parametrize("args, message", PARAMETERS, ids=[" ".join(a) for a, _ in PARAMETERS])
 def test_bad_parameters_are_refused_up_front(tmp_path, args, message):
     store = tmp_path / "mlflow.db"
-    started = time.time()
     done = dudch("run", *args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     refused(done, message)
     assert done.stderr.count("\n") == 1
-    assert time.time() - started < 10
-    assert not store.exists()  # nothing was started, so nothing is left RUNNING
+    assert not store.exists()  # refused before the store was opened: no run, nothing left RUNNING
 
 
 def test_an_empty_manifest_is_refused_up_front(tmp_path):
@@ -96,10 +93,9 @@ def test_a_tracking_uri_with_credentials_is_redacted(tmp_path):
 
 
 def test_an_unreachable_tracking_server_is_found_before_any_work(tmp_path):
-    started = time.time()
     done = dudch("run", "--max-items", "50", "--bits", "16", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     refused(done, "cannot reach the MLflow tracking server at http://127.0.0.1:")
-    assert time.time() - started < 20 and "started" not in done.stdout
+    assert done.stderr.count("\n") == 1 and done.stdout == ""  # no parent run, no task started
 
 
 def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
@@ -109,11 +105,10 @@ def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a read-only file system here ({mounted.stderr.decode().strip()})")
     try:
-        started = time.time()
         done = dudch("run", "--max-items", "50", "--bits", "16",
                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
         refused(done, f"the MLflow artifact store {artifacts} is not writable (Read-only file system)")
-        assert time.time() - started < 20 and "started" not in done.stdout
+        assert done.stdout == ""  # no parent run announced, no task started
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id]) == []
     finally:
@@ -167,9 +162,9 @@ def test_a_tracking_server_that_dies_mid_run_fails_it_in_one_line_and_the_run_re
             if "teacher 16b" in line and "started" in line:
                 break
         stop(server)
-        died = time.time()
-        stdout, stderr = run.communicate(timeout=300)
-        assert time.time() - died < 120
+        # It ends by itself (MLflow's HTTP retries are bounded): no time is asserted, but a run
+        # that hung would fail here, with room for a slow, loaded machine.
+        stdout, stderr = run.communicate(timeout=600)
     finally:
         if run.poll() is None:
             run.kill()
