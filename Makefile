@@ -41,6 +41,7 @@ image-test: data
 benchmarks: data
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/index_growth.py
 
 # torch first, with pip (which also brings uv): pip takes the CPU build from this machine's
 # disk, and the lock (which leaves torch out) then finds it satisfied instead of pulling in

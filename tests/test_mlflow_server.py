@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from tests.conftest import free_port, start_mlflow_server, stop
-from tests.helpers import dudch, run_pipeline
+from tests.datasets import drawings_manifest
+from tests.helpers import OPENCLIPART, dudch, run_pipeline
 
 BUCKET = "mlflow-artifacts"
 
@@ -102,3 +103,29 @@ def test_pipeline_promote_and_load_through_a_server_with_s3_artifacts(tracking_s
     assert all(k.startswith("team/") for k in keys)
     names = {k.rsplit("/", 1)[-1] for k in keys}
     assert {"MLmodel", "database.npz", "student.pt", "retrieval_examples_16bits.png", "codes.npz"} <= names
+
+
+def test_index_add_and_remove_through_a_server(tracking_server, server_runs, tmp_path):
+    """The promoted model grown with two drawings and shrunk again, every version read from and
+    registered on the server (artifacts on S3); the version it grew from is unchanged."""
+    env = {"MLFLOW_TRACKING_URI": tracking_server["url"]}
+    assert dudch("promote", "--run", server_runs[1][0], "--bits", "32", "--name", "served-index", env=env).returncode == 0
+    manifest = drawings_manifest(tmp_path / "new", OPENCLIPART, 2)
+    added = dudch("index", "add", "--model", "models:/served-index/1", "--dataset", f"manifest:{manifest}",
+                  "--alias", "production", env=env)
+    assert added.returncode == 0 and "version 2: version 1 with 2 items added" in added.stdout, added.stderr[-2000:]
+    found = dudch("search", "--model", "models:/served-index@production", "--image", str(tmp_path / "new" / "images" / "0.svg"),
+                  "--top", "1000", env=env)
+    assert found.returncode == 0 and "images/0.svg" in found.stdout, found.stderr[-2000:]
+    (tmp_path / "ids.txt").write_text("images/0.svg\n")
+    removed = dudch("index", "remove", "--model", "models:/served-index/2", "--ids", str(tmp_path / "ids.txt"), env=env)
+    assert removed.returncode == 0 and "version 3: version 2 with 1 items removed" in removed.stdout, removed.stderr[-2000:]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_server["url"])
+    try:
+        first, grown, shrunk = (mlflow.pyfunc.load_model(f"models:/served-index/{v}").get_raw_model() for v in (1, 2, 3))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert grown.item_id.tolist() == first.item_id.tolist() + ["images/0.svg", "images/1.svg"]
+    assert shrunk.item_id.tolist() == first.item_id.tolist() + ["images/1.svg"]
+    np.testing.assert_array_equal(shrunk.database_codes()[:len(first.item_id)], first.database_codes())
