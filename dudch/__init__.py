@@ -24,6 +24,13 @@ def first_line(error, limit=200):
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
+def shown(value, limit=60):
+    """repr(value) for an error message, cut to `limit` characters: an input is never echoed
+    back whole (it may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _is_secret(match):
     return ":" in match.group(2) or "ssh" not in match.group(1).lower()
 

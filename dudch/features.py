@@ -108,6 +108,15 @@ def _cairo_rgb(surface):
     return ((rgb * 255 + alpha // 2) // np.maximum(alpha, 1)).astype(np.uint8)
 
 
+def _upright(orientation):
+    """The turn that shows a photo upright, for its EXIF orientation (None: as it is)."""
+    from PIL import Image
+
+    t = Image.Transpose
+    return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+            7: t.TRANSVERSE, 8: t.ROTATE_90}.get(orientation)
+
+
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = (".svg",) + RASTER_SUFFIXES
 
@@ -121,7 +130,8 @@ def read_image(path_or_bytes, size=224, svg=None):
     any transparency flattened onto white. `svg` says whether it is an SVG (default: paths by
     suffix, bytes by their first character).
     A raster over 4x `size` on its short side is downscaled while decoding (JPEG draft mode,
-    then an integer reduction) before the resize.
+    then an integer reduction) before the resize. 16-bit greyscale is scaled to 8 bits, and a
+    photo's EXIF orientation is applied (it is shown upright, as a viewer shows it).
     """
     from PIL import Image
 
@@ -138,11 +148,15 @@ def read_image(path_or_bytes, size=224, svg=None):
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 return None
+            turn = _upright(image.getexif().get(0x0112))  # the Orientation tag, as cameras write it
             factor = min(image.width, image.height) // (4 * size)
             if factor > 1:
                 image.draft("RGB", (image.width // factor, image.height // factor))
                 factor = min(image.width, image.height) // (4 * size)
                 image = image.reduce(factor) if factor > 1 else image
+            if image.mode.startswith("I"):  # 16-bit greyscale: convert() would clip it to white
+                image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+            image = image.transpose(turn) if turn is not None else image
             image = image.convert("RGBA")
             canvas = Image.new("RGBA", image.size, "white")
             canvas.alpha_composite(image)

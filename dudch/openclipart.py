@@ -54,11 +54,12 @@ def fetch(dest, downloads, archive=None):
     if not archive.is_file():
         raise DudchError(f"archive not found: {archive}; pass an existing .deb with --archive, "
                          f"or omit --archive to download {PACKAGE}={VERSION}")
+    remove_leftovers(Path(dest))
     digest = sha256_of(archive)
     if digest != ARCHIVE_SHA256:
         raise DudchError(f"corrupt archive {archive}: SHA-256 {digest[:12]}... is not the pinned "
                          f"{ARCHIVE_SHA256[:12]}...; delete it and rerun `dudch data openclipart`")
-    with atomic_dir(dest) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as unpacked:
+    with atomic_dir(dest) as tmp, tempfile.TemporaryDirectory(prefix=f".{Path(dest).name}-unpack-", dir=tmp.parent) as unpacked:
         done = subprocess.run(["dpkg-deb", "-x", str(archive), unpacked],
                               capture_output=True, text=True)
         svg_root = Path(unpacked) / SVG_ROOT_IN_ARCHIVE
@@ -69,6 +70,20 @@ def fetch(dest, downloads, archive=None):
         for child in svg_root.iterdir():
             shutil.move(str(child), tmp / child.name)
     return Path(dest)
+
+
+def remove_leftovers(dest):
+    """Remove what an interrupted extraction into `dest` left beside it (the half-built tree, the
+    unpacked package, the replaced tree; also the unpack folders of earlier versions, `tmp*`
+    holding the package's SVG tree): stray files below data/ would fail the DVC check of every
+    later run."""
+    parent, name = dest.parent, dest.name
+    if not parent.is_dir():
+        return
+    ours = [*parent.glob(f".{name}.*.partial"), *parent.glob(f".{name}-unpack-*"), parent / f".{name}.old",
+            *(p for p in parent.glob("tmp*") if (p / SVG_ROOT_IN_ARCHIVE).is_dir())]
+    for leftover in ours:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _apt_download(downloads):

@@ -20,8 +20,9 @@ from dudch.storage import save_json, save_npy, save_npz, sha256_of
 THUMBNAIL_SIZE = 64  # the images evaluation shows in its retrieval-examples grid
 BAD_IMAGE_POLICIES = ("skip", "fail")
 # Part of the image cache keys: how images are decoded. "entities" since SVGs with internal
-# entities (Illustrator exports) are rendered instead of left out.
-DECODER = "entities"
+# entities (Illustrator exports) are rendered instead of left out; "depth-exif" since 16-bit
+# PNGs are scaled instead of clipped and photos are turned upright (SVGs decode as before).
+DECODER = "entities-depth-exif"
 
 
 @dataclass(frozen=True)

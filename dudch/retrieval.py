@@ -213,11 +213,7 @@ def item_features(source, encoders, student, cache_dir, progress=True):
     warnings = list(data.warnings)
     dims, text_spec, image_spec = student.dims, encoders["text"], encoders["image"]
     if image_spec["kind"] == "given":
-        if data.image_features is None or data.image_features.shape[1] != dims["image_dim"]:
-            given = "images" if data.image_features is None else f"image features of width {data.image_features.shape[1]}"
-            raise DudchError(f"{source} gives {given}, but the model was trained on given image features of "
-                             f"width {dims['image_dim']}; add items with the same kind of image features")
-        image = data.image_features
+        image = _given_features(source, data.image_features, dims["image_dim"], "image", "images")
     else:
         if data.images is None:
             raise DudchError(f"{source} gives image features, but the model encodes images with "
@@ -231,11 +227,7 @@ def item_features(source, encoders, student, cache_dir, progress=True):
             data, image = data.subset(decoded), image[decoded]
     words_known = data.texts is not None or data.vocabulary is not None
     if text_spec["kind"] == "given":
-        if data.text_bow is None or data.text_bow.shape[1] != dims["text_dim"]:
-            given = "texts" if data.text_bow is None else f"a bag-of-words of width {data.text_bow.shape[1]}"
-            raise DudchError(f"{source} gives {given}, but the model was trained on given text features of "
-                             f"width {dims['text_dim']}; add items with the same bag-of-words columns")
-        text = data.text_bow
+        text = _given_features(source, data.text_bow, dims["text_dim"], "text", "texts")
     elif not words_known or (text_spec["kind"] == "minilm" and data.texts is None):
         raise DudchError(f"{source} gives a bag-of-words without its words, but the model encodes "
                          f"{'sentences' if text_spec['kind'] == 'minilm' else 'words of its vocabulary'}; "
@@ -247,6 +239,16 @@ def item_features(source, encoders, student, cache_dir, progress=True):
     image, text = nets.check_pairs(image, text)
     return dict(item_id=data.item_id, text=data.display_text(), image=image, text_features=text,
                 warnings=warnings)
+
+
+def _given_features(source, values, width, modality, instead):
+    """The dataset's given `modality` features when they are as wide as the model's, else a
+    DudchError (`instead`: what the dataset gives when it gives none)."""
+    if values is None or values.shape[1] != width:
+        given = instead if values is None else f"{modality} features of width {values.shape[1]}"
+        raise DudchError(f"{source} gives {given}, but the model was trained on given {modality} features of "
+                         f"width {width}; add items with the same {modality} features (the same columns)")
+    return values
 
 
 def grow(retriever, directory, codes, item_id, text):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dudch import DudchError, matfile, openclipart
+from dudch import DudchError, matfile, openclipart, shown
 from dudch.features import IMAGE_SUFFIXES, read_image
 from dudch.storage import sha256_of
 
@@ -368,7 +368,11 @@ def _manifest(path):
             raise DudchError(f"{where}: no \"image\" path; each record needs one, e.g. {MANIFEST_EXAMPLE}")
         if not isinstance(record.get("text"), str):
             raise DudchError(f"{where}: no \"text\" string; each record needs one (it may be empty)")
-        image = (folder / record["image"]).resolve()
+        try:
+            image = (folder / record["image"]).resolve()
+        except (ValueError, OSError, RuntimeError):  # a NUL byte, a symlink loop
+            raise DudchError(f"{where}: image {shown(record['image'])} is not a usable path (a NUL "
+                             f"byte or a symlink loop); fix the record") from None
         if not image.is_relative_to(folder):
             raise DudchError(f"{where}: image {record['image']!r} is outside the manifest's folder "
                              f"{folder}; move it below that folder")
@@ -388,17 +392,26 @@ def _manifest(path):
         texts.append([record["text"]])
         label_lists.append(labels)
     label_names = sorted({x for labels in label_lists for x in labels})
+    digest_of = {}  # a file listed many times is hashed once
+    for image in images:
+        if image not in digest_of:
+            digest_of[image] = sha256_of(image)[:16]
+    content_keys = np.array([digest_of[image] for image in images])
+    first_row = {}
+    repeats = [row for row, key in enumerate(content_keys) if first_row.setdefault(key, row) != row]
+    warnings = [f"{len(repeats)} of {len(records)} records repeat an image listed before (first "
+                f"{ids[repeats[0]]}, the same file as {ids[first_row[content_keys[repeats[0]]]]}); list each "
+                f"pair once: duplicates can inflate mAP"] if repeats else []
     return Source(kind="manifest", item_id=np.array(ids), path=np.array([str(p.relative_to(folder)) for p in images]),
-                  content_keys=np.array([sha256_of(p)[:16] for p in images]),
-                  images=FileImages(images), texts=texts,
+                  content_keys=content_keys, images=FileImages(images), texts=texts,
                   labels=_multi_hot(label_lists, label_names) if has_labels else None,
-                  label_names=label_names if has_labels else [])
+                  label_names=label_names if has_labels else [], warnings=warnings)
 
 
 def _manifest_records(path):
     """(line number, record dict) for each non-blank record."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets start CSV files with a BOM
     except (OSError, UnicodeDecodeError) as error:
         raise DudchError(f"cannot read manifest {path} ({error}); it must be UTF-8 text") from None
     if path.suffix.lower() == ".csv":

@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from dudch import DudchError, first_line, redact
+from dudch import DudchError, first_line, redact, shown
 
 PIPELINE_YAML = "pipeline.yaml"
 SOURCES_HELP = ("openclipart (the embedded default), mirflickr25k:DIR or nuswide:DIR (Cleared-Set "
@@ -35,15 +35,29 @@ def main(argv=None):
     except DudchError as error:
         print(f"error: {redact(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every command writes then renames: nothing half-done stays
+        print(f"error: {args.handler.__name__.strip('_').replace('_', ' ')} interrupted (Ctrl-C); nothing "
+              f"was half-written, rerun it to start again", file=sys.stderr)
+        return 130
+
+
+def _count(high):
+    """An argparse type: a whole number from 1 to `high`."""
+    def count(text):
+        value = int(text) if text.lstrip("-").isdigit() else None
+        if value is None or not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a count from 1 to {high}")
+        return value
+    return count
 
 
 def _top_k(text):
-    from pipeline.serving import LIMITS
+    from pipeline.serving import LIMITS  # imports MLflow: only when a count is given
 
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or not 1 <= value <= LIMITS["top_k"]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count from 1 to {LIMITS['top_k']}")
-    return value
+    return _count(LIMITS["top_k"])(text)
+
+
+MAX_COMPARED_RUNS = 1000  # a table of more runs is no longer read by a person
 
 
 def _parser():
@@ -173,7 +187,8 @@ def _parser():
 
     compare = commands.add_parser("compare", help="student mAP@50 and mAP@all by bits and direction "
                                   "across the latest pipeline runs, and the parameters that differ")
-    compare.add_argument("--last", type=int, default=5, metavar="N", help="how many runs (default 5)")
+    compare.add_argument("--last", type=_count(MAX_COMPARED_RUNS), default=5, metavar="N",
+                         help=f"how many runs, 1 to {MAX_COMPARED_RUNS} (default 5)")
     compare.add_argument("--json", action="store_true", help="print one JSON object")
     compare.set_defaults(handler=_compare)
 
@@ -275,12 +290,12 @@ def _parse_params(pairs, with_run_inputs=False):
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in declared:
-            raise DudchError(f"unknown pipeline parameter {pair!r}; see `dudch params` for the names")
+            raise DudchError(f"unknown pipeline parameter {shown(pair)}; see `dudch params` for the names")
         kind = declared[name].annotation
         try:
             parsed[name] = json.loads(value) if kind not in (str, float, int) else kind(value)
         except ValueError:
-            raise DudchError(f"{name} needs a {getattr(kind, '__name__', kind)}, got {value!r}") from None
+            raise DudchError(f"{name} needs a {getattr(kind, '__name__', kind)}, got {shown(value)}") from None
     return parsed
 
 
@@ -312,6 +327,7 @@ def _run(args):
         validate.check_dataset(dataset, _with_defaults(params))
     if args.image:
         _check_image(args.image, tracking.tracking_uri(root))
+    tracking.check_writable(root / ".dudch" / "cache", "the feature cache")  # else found after encoding
     experiment_id = tracking.connect(root)
     run_id = tracking.start_parent_run(root, experiment_id, _with_defaults(params), dataset, pin, data_uri)
     logs, scratch = root / ".dudch" / "logs" / run_id, root / ".dudch" / "tmp" / run_id

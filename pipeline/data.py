@@ -13,7 +13,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from dudch import DudchError, first_line, has_credentials, openclipart
+from dudch import DudchError, first_line, has_credentials, openclipart, shown
 from dudch.sources import DEFAULT_OPENCLIPART as OPENCLIPART
 from dudch.storage import atomic_dir
 
@@ -46,6 +46,7 @@ def ensure_openclipart(root, archive=None):
     root = Path(root).resolve()
     dest, marker = root / OPENCLIPART, root / ".dudch" / "data-verified"
     version = data_version(root)
+    openclipart.remove_leftovers(dest)  # an interrupted extraction's, which the pin check would trip on
     if archive is None and dest.is_dir() and marker.exists() and marker.read_text() == version:
         return dest
     if archive is not None or not dest.is_dir() or not workspace_matches_pin(root):
@@ -138,8 +139,22 @@ def configure_remote(root, url, endpoint_url=None):
         raise DudchError(f"the {which} must not hold credentials (it is written to the git-tracked "
                          f".dvc/config); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the "
                          f"environment instead")
+    for name, value in (("remote URL", url), ("endpoint URL", endpoint_url or "")):
+        if any(ord(c) < 32 for c in value):
+            raise DudchError(f"the {name} {shown(value)} holds a control character (a newline?); give it on one line")
+    if not url.strip():
+        raise DudchError("the remote is empty; give s3://bucket/prefix or a folder")
     if not url.startswith("s3://") and "://" in url:
-        raise DudchError(f"unsupported remote {url!r}: use s3://bucket/prefix or a local folder")
+        raise DudchError(f"unsupported remote {shown(url)}: use s3://bucket/prefix or a local folder")
+    if url.startswith("s3://") and not url.removeprefix("s3://").split("/")[0]:
+        raise DudchError(f"the remote {shown(url)} names no bucket; give s3://bucket/prefix")
+    if endpoint_url:
+        from urllib.parse import urlparse
+
+        endpoint = urlparse(endpoint_url)
+        if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+            raise DudchError(f"the endpoint URL {shown(endpoint_url)} is not http(s)://host[:port]; e.g. "
+                             f"http://minio:9000")
     settings = {"url": url if url.startswith("s3://") else str(Path(url).resolve())}
     if endpoint_url:
         if not url.startswith("s3://"):

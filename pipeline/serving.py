@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from dudch import DudchError
+from dudch import DudchError, shown
 
 LOADER_MODULE = __name__
 QUERY_COLUMNS = ("text", "image_b64", "image", "text_features", "image_features")
@@ -77,10 +77,16 @@ def check_model_folder(folder):
 
 
 def _query_column(frame):
-    columns = [c for c in QUERY_COLUMNS if c in frame.columns and frame[c].notna().any()]
-    if len(columns) != 1:
-        raise DudchError(f"give the queries in exactly one column of {', '.join(QUERY_COLUMNS)}; "
-                         f"got {', '.join(map(str, frame.columns)) or 'none'}")
+    present = [c for c in QUERY_COLUMNS if c in frame.columns]
+    columns = [c for c in present if frame[c].notna().any()]
+    if not present:  # MLflow drops the columns its signature does not name, and unnamed inputs
+        raise DudchError(f"no query column: give the queries in a named column, one of "
+                         f"{', '.join(QUERY_COLUMNS)} (e.g. {{\"dataframe_split\": {{\"columns\": [\"text\"], "
+                         f"\"data\": [[\"tux\"]]}}}}); other columns and unnamed inputs or instances are ignored")
+    if not columns:
+        raise DudchError(f"the {present[0]} column holds no query (every row is null); give one per row")
+    if len(columns) > 1:
+        raise DudchError(f"queries in {' and '.join(columns)}: give them in exactly one column")
     if len(frame) > LIMITS["rows"]:
         raise DudchError(f"{len(frame)} queries in one request; at most {LIMITS['rows']}")
     return columns[0]
@@ -218,13 +224,14 @@ def _server_image(value):
         raise DudchError(f"this deployment does not read images from its disk; send the image's bytes "
                          f"in image_b64 (or set {IMAGE_DIR_ENV} on the server to allow a folder)")
     folder = Path(allowed).resolve()
-    path = (folder / str(value)).resolve()
     try:
-        if not path.is_relative_to(folder) or path.stat().st_size > LIMITS["image_bytes"]:
+        path = (folder / str(value)).resolve()
+        # Regular files only: reading a FIFO or a device would block or never end.
+        if not path.is_relative_to(folder) or not path.is_file() or path.stat().st_size > LIMITS["image_bytes"]:
             raise OSError
         data = path.read_bytes()
         if read_image(data, 16) is None:  # undecodable reads like missing
             raise OSError
         return data
-    except OSError:
-        raise DudchError(f"cannot read image {value!r} from the deployment's image folder") from None
+    except (OSError, ValueError, RuntimeError):  # also a NUL byte, a symlink loop
+        raise DudchError(f"cannot read image {shown(value)} from the deployment's image folder") from None

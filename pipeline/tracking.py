@@ -88,19 +88,25 @@ def _experiment(uri):
 def _check_writable(artifact_location):
     """Refuse an artifact store folder that cannot be written, before any work is done. (An
     object store behind a server is the server's to check.)"""
-    import tempfile
     from urllib.parse import unquote, urlparse
 
     if not artifact_location.startswith("file:") and "://" in artifact_location:
         return
     folder = Path(unquote(urlparse(artifact_location).path) if artifact_location.startswith("file:") else artifact_location)
+    check_writable(folder, "the MLflow artifact store", "or point MLFLOW_TRACKING_URI at another store")
+
+
+def check_writable(folder, what, alternative=""):
+    """Refuse a folder that cannot be created or written, in one line naming `what` it is."""
+    import tempfile
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dudch-write-check"):
             pass
     except OSError as error:
-        raise DudchError(f"the MLflow artifact store {folder} is not writable ({error.strerror}); fix its "
-                         f"permissions or free space, or point MLFLOW_TRACKING_URI at another store") from None
+        raise DudchError(f"{what} {folder} is not writable ({error.strerror}); fix its permissions or free "
+                         f"space{', ' + alternative if alternative else ''}") from None
 
 
 def _check_server(uri):

@@ -2,7 +2,9 @@
 one line, not a failed task minutes later. (The stages check their inputs again: on a cluster
 they may be given other values.)"""
 
-from dudch import DudchError, has_credentials
+import math
+
+from dudch import DudchError, has_credentials, shown
 from dudch.prepare import BAD_IMAGE_POLICIES
 from dudch.similarity import RULES, SOURCES
 from dudch.student import INITS, OPTIMIZERS
@@ -25,6 +27,9 @@ OPEN_FRACTIONS = ("similarity_related_fraction",)  # (0, 1)
 def check_parameters(params):
     """Refuse the first out-of-range pipeline parameter in `params` (defaults included) with a
     DudchError naming it and the allowed values."""
+    for name, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DudchError(f"{name} must be a finite number, got {value}")
     bits = params["bits"]
     if not isinstance(bits, list) or not bits or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits):
         raise DudchError(f"bits must be a list of code lengths, e.g. --bits 16 32 64 128; got {bits!r}")
@@ -44,7 +49,7 @@ def check_parameters(params):
                          "an ssh URL")
     for name, allowed in CHOICES.items():
         if params[name] not in allowed:
-            raise DudchError(f"{name}={params[name]!r} is not one of: {', '.join(allowed)}")
+            raise DudchError(f"{name}={shown(params[name])} is not one of: {', '.join(allowed)}")
     for name in POSITIVE:
         if not params[name] > 0:
             raise DudchError(f"{name} must be positive, got {params[name]}")

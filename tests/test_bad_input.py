@@ -5,6 +5,7 @@ beside what they exercise: serving (tests/test_registry.py: over HTTP, tampered 
 bad images and the feature cache (tests/test_sources.py, tests/test_data.py), a failing task
 (tests/test_console.py), signals (tests/test_lifecycle.py), remotes (tests/test_dvc_remote.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,10 @@ PARAMETERS = [
     (("--param", f"data_repo=https://user:{SECRET}@git.example/data.git"),
      "data_repo must not hold credentials (they would be stored with the run's parameters)"),
     (("--param", f"data_repo=https://{SECRET}@git.example/data.git"), "data_repo must not hold credentials"),
+    (("--param", "lr_image=inf"), "lr_image must be a finite number, got inf"),
+    (("--param", "gamma=nan"), "gamma must be a finite number, got nan"),
+    (("--param", "similarity_rule=" + "x" * 100_000), "similarity_rule='xxxx"),
+    (("--param", "teacher_epochs=" + "9" * 100_000 + "x"), "teacher_epochs needs a int, got '9999"),
 ]
 
 
@@ -64,7 +69,7 @@ def test_bad_parameters_are_refused_up_front(tmp_path, args, message):
     store = tmp_path / "mlflow.db"
     done = dudch("run", *args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     refused(done, message)
-    assert done.stderr.count("\n") == 1
+    assert done.stderr.count("\n") == 1 and len(done.stderr) < 400  # a huge value is not echoed back
     assert not store.exists()  # refused before the store was opened: no run, nothing left RUNNING
 
 
@@ -185,3 +190,82 @@ def test_search_refuses_a_count_out_of_range(top):
     done = dudch("search", "--text", "tux", "--top", top)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"dudch search: error: argument --top: '{top}' is not a count from 1 to 1000"
+
+
+@pytest.mark.parametrize("last", ["-1", "0", "1000000000", "many"])
+def test_compare_refuses_a_count_out_of_range(last):
+    done = dudch("compare", "--last", last)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"dudch compare: error: argument --last: '{last}' is not a count from 1 to 1000"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("",), "the remote is empty; give s3://bucket/prefix or a folder"),
+    (("s3://",), "the remote 's3://' names no bucket; give s3://bucket/prefix"),
+    (("s3:///prefix",), "names no bucket"),
+    (("s3://bucket/x\nurl = /etc",), "holds a control character (a newline?); give it on one line"),
+    (("s3://bucket/x", "--endpoint-url", "minio:9000"), "the endpoint URL 'minio:9000' is not http(s)://host[:port]"),
+    (("s3://bucket/x", "--endpoint-url", "http://"), "is not http(s)://host[:port]"),
+], ids=["empty", "no bucket", "empty bucket", "newline", "endpoint without scheme", "endpoint without host"])
+def test_remote_urls_that_name_no_place_are_refused(tmp_path, args, message):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
+    config = (tmp_path / ".dvc" / "config").read_text()
+    done = dudch("data", "remote", *args, cwd=tmp_path)
+    refused(done, message)
+    assert (tmp_path / ".dvc" / "config").read_text() == config
+
+
+def write_manifest(folder, lines, name="pairs.jsonl", encoding="utf-8"):
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    drawing = sorted((ROOT / "data" / "openclipart").glob("animals/*.svg"))[0]
+    for i in range(3):
+        (folder / "images" / f"{i}.svg").write_bytes(drawing.read_bytes() + b" " * i)  # three distinct files
+    (folder / name).write_text("\n".join(lines) + "\n", encoding=encoding)
+    return folder / name
+
+
+def inspect(manifest):
+    return dudch("data", "inspect", f"manifest:{manifest}")
+
+
+def test_a_csv_manifest_with_a_byte_order_mark_is_read(tmp_path):
+    """What spreadsheets write: UTF-8 with a BOM before the header."""
+    manifest = write_manifest(tmp_path, ["image,text", "images/0.svg,a cat", "images/1.svg,a dog"], "pairs.csv", "utf-8-sig")
+    assert manifest.read_bytes().startswith(b"\xef\xbb\xbf")
+    done = inspect(manifest)
+    assert done.returncode == 0 and json.loads(done.stdout)["n"] == 2, done.stderr
+
+
+def test_manifest_records_that_repeat_an_image_are_warned_about_once(tmp_path):
+    records = [json.dumps(dict(image=f"images/{i % 2}.svg", text="a cat")) for i in range(1000)]
+    done = inspect(write_manifest(tmp_path, records))
+    assert done.returncode == 0, done.stderr
+    (warning,) = json.loads(done.stdout)["warnings"]
+    assert warning == ("998 of 1000 records repeat an image listed before (first images/0.svg#2, the same file as "
+                       "images/0.svg); list each pair once: duplicates can inflate mAP")
+
+
+def test_manifest_image_paths_that_are_no_paths_are_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    os.symlink(tmp_path / "images" / "loop.svg", tmp_path / "images" / "loop.svg")
+    for image, message in (("images/a\u0000.svg", "image 'images/a\\x00.svg' is not a usable path (a NUL byte or a symlink loop)"),
+                           ("images/loop.svg", "is not a usable path")):
+        manifest = write_manifest(tmp_path, [json.dumps(dict(image=image, text="x"))])
+        refused(inspect(manifest), message)
+
+
+def test_a_read_only_feature_cache_is_found_before_any_work(tmp_path):
+    cache = ROOT / ".dudch" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(cache), str(cache)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount the cache read-only here ({mounted.stderr.decode().strip()})")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
+        done = dudch("run", "--max-items", "50", "--bits", "16",
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    refused(done, f"the feature cache {cache} is not writable (Read-only file system); fix its permissions or free space")
+    assert done.stdout == "" and not (tmp_path / "mlflow.db").exists()

@@ -1,3 +1,11 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -184,3 +192,71 @@ def test_cli_reports_a_corrupt_archive_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "corrupt archive" in done.stderr
     assert workspace_matches_pin(ROOT)
+
+
+def test_ctrl_c_during_extraction_is_one_line_and_blocks_no_later_run(tmp_path):
+    """SIGINT to the command's process group (as a terminal sends it) while dpkg unpacks: one
+    line, and whatever an interruption leaves beside data/openclipart (also what older versions
+    left: tmp* folders) is removed by the next run, which then matches the pin."""
+    deb = ROOT / ".dudch" / "downloads" / openclipart.ARCHIVE_NAME
+    assert deb.is_file(), "run `make test`: it downloads the package into .dudch/downloads"
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=tmp_path, check=True)
+    shutil.copy(ROOT / "data.dvc", tmp_path / "data.dvc")
+    command = [str(Path(sys.executable).with_name("dudch")), "data", "openclipart", "--archive", str(deb)]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for _ in range(3000):  # until dpkg has started unpacking (at most 5 minutes)
+            if list((tmp_path / "data").glob(".openclipart-unpack-*/usr")) or run.poll() is not None:
+                break
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines() == ["error: data openclipart interrupted (Ctrl-C); nothing was half-written, "
+                                           "rerun it to start again"]
+    assert not (tmp_path / "data" / "openclipart").exists()
+    # What a harder stop (SIGKILL, a power cut) or an older version would have left behind.
+    (tmp_path / "data" / "tmpold" / openclipart.SVG_ROOT_IN_ARCHIVE).mkdir(parents=True)
+    (tmp_path / "data" / ".openclipart.abc.partial" / "animals").mkdir(parents=True)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["openclipart"]
+    assert workspace_matches_pin(tmp_path)
+
+
+def test_rasters_decode_by_their_bit_depth_palette_and_orientation():
+    """Reference pixels: 16-bit grey 32768 is mid-grey (not white); a palette PNG with a
+    transparent entry is its colours on white; a JPEG whose EXIF says "rotate 90" is read upright."""
+    import io
+
+    from PIL import Image
+
+    def encoded(image, **options):
+        out = io.BytesIO()
+        image.save(out, **options)
+        return out.getvalue()
+
+    grey = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))
+    assert grey.mode.startswith("I")
+    np.testing.assert_array_equal(read_image(encoded(grey, format="PNG"), 8), np.full((8, 8, 3), 128))
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    palette.paste(0, (0, 0, 8, 4))  # top half: entry 0, transparent
+    decoded = read_image(encoded(palette, format="PNG", transparency=0), 8)
+    np.testing.assert_array_equal(decoded[:4], np.full((4, 8, 3), 255))
+    np.testing.assert_array_equal(decoded[4:], np.broadcast_to([200, 30, 40], (4, 8, 3)))
+    # Left half red, right half blue, stored sideways with "rotate 90 clockwise to show".
+    upright = np.zeros((64, 64, 3), dtype=np.uint8)
+    upright[:, :32] = (255, 0, 0)
+    upright[:, 32:] = (0, 0, 255)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = read_image(encoded(stored, format="JPEG", quality=95, exif=exif), 64).astype(int)
+    assert photo[:, :28, 0].mean() > 200 and photo[:, :28, 2].mean() < 50  # red on the left
+    assert photo[:, 36:, 2].mean() > 200 and photo[:, 36:, 0].mean() < 50  # blue on the right

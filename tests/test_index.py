@@ -170,3 +170,24 @@ def test_a_dataset_that_does_not_fit_the_model_is_refused_in_one_line(grown, tmp
         assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr
         assert done.stderr.splitlines()[-1] == errors[0] and "Traceback" not in done.stderr
     assert len(grown["client"].search_model_versions(f"name = '{NAME}'")) == before
+
+
+def test_given_features_are_added_only_at_the_model_s_widths(tmp_path):
+    """A model trained on given features (Cleared-Set XAll/YAll) takes new items of the same
+    widths, and refuses other widths or images in one line."""
+    from dudch import DudchError
+    from tests.datasets import cleared_set
+
+    rng = np.random.default_rng(0)
+    features, bow = rng.normal(size=(12, 40)).astype(np.float32), (rng.random((12, 7)) > 0.5).astype(np.float32)
+    folder = cleared_set(tmp_path / "mat", None, bow, np.ones((12, 1)), features=features)
+    given = {"text": {"kind": "given"}, "image": {"kind": "given"}}
+    items = retrieval.item_features(f"mirflickr25k:{folder}", given, nets.HashNets(40, 7, 16), tmp_path / "cache")
+    np.testing.assert_array_equal(items["image"], features)
+    np.testing.assert_array_equal(items["text_features"], bow)
+    for student, message in ((nets.HashNets(41, 7, 16), "gives image features of width 40, but the model was trained "
+                              "on given image features of width 41"),
+                             (nets.HashNets(40, 8, 16), "gives text features of width 7, but the model was trained "
+                              "on given text features of width 8")):
+        with pytest.raises(DudchError, match=message):
+            retrieval.item_features(f"mirflickr25k:{folder}", given, student, tmp_path / "cache")

@@ -240,10 +240,25 @@ def test_server_side_image_paths_only_inside_the_allowed_folder(production, tmp_
     monkeypatch.setenv(serving.IMAGE_DIR_ENV, str(allowed))
     found = production.predict(pd.DataFrame({"image": ["drawing.svg"]}), params={"top_k": 2})
     assert found["code"][0] == production.predict(pd.DataFrame({"image_b64": [b64(drawing)]}))["code"][0]
-    for outside in ("../allowed/../../etc/passwd", "/etc/passwd", "missing.png", "broken.png"):
+    os.mkfifo(allowed / "pipe.png")  # opening it would block the worker for ever
+    os.symlink(allowed / "loop.png", allowed / "loop.png")
+    for outside in ("../allowed/../../etc/passwd", "/etc/passwd", "missing.png", "broken.png", "pipe.png",
+                    "loop.png", "a\x00.png"):
         with pytest.raises(serving.QueryRefused) as refusal:
             production.predict(pd.DataFrame({"image": [outside]}))
         assert refusal.value.reason == f"cannot read image {outside!r} from the deployment's image folder"
+
+
+@pytest.mark.parametrize("query, message", [
+    (pd.DataFrame({"text": [None, None]}), "the text column holds no query (every row is null); give one per row"),
+    (pd.DataFrame({"txt": ["tux"]}), "no query column: give the queries in a named column, one of text, image_b64"),
+    (np.array(["tux"]), "other columns and unnamed inputs or instances are ignored"),
+    (pd.DataFrame({"text": ["tux"], "image_b64": ["eA=="]}), "queries in text and image_b64: give them in exactly one column"),
+], ids=["null text", "unknown column", "unnamed inputs", "two columns"])
+def test_a_query_in_the_wrong_shape_is_told_what_shape_to_use(production, query, message):
+    with pytest.raises(serving.QueryRefused) as refusal:
+        production.predict(query, params={"top_k": 1})
+    assert message in refusal.value.reason and "\n" not in refusal.value.reason
 
 
 class Planted:
