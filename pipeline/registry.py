@@ -108,38 +108,51 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import store_lock
+
     quiet_mlflow()
     client = mlflow.MlflowClient()
     parent, bits, scores = candidate(client, run_id, bits)
-    holder = None
-    try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        pass  # no model or no alias yet: nothing to beat
-    decision, held = gate(scores, bits, holder)
-    if decision.startswith("refused"):
-        if not force:
-            raise DudchError(f"{name} run {run_id[:8]} ({bits} bits) not registered: "
-                             f"{decision.removeprefix('refused: ')}; pass --force to promote it anyway")
-        decision = "forced: " + decision.removeprefix("refused: ")
-
     commit = {k: v for k, v in parent.data.tags.items() if k == "mlflow.source.git.commit"}
-    tags = {"dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
+    outcome = {}
+
+    def judge():
+        """The gate against the alias's holder now: {"decision", "tags"}, or a DudchError."""
+        holder = None
+        try:
+            holder = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            pass  # no model or no alias yet: nothing to beat
+        decision, held = gate(scores, bits, holder)
+        if decision.startswith("refused"):
+            if not force:
+                raise DudchError(f"{name} run {run_id[:8]} ({bits} bits) not registered: "
+                                 f"{decision.removeprefix('refused: ')}; pass --force to promote it anyway")
+            decision = "forced: " + decision.removeprefix("refused: ")
+        outcome.update(decision=decision, held=held, tags={
+            "dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
             **{f"dudch.{m}": str(v) for m, v in scores.items() if v is not None},
-            **{f"dudch.holder_{m}": str(v) for m, v in held.items() if v is not None}}
-    with tempfile.TemporaryDirectory() as tmp:
-        version = register(build(client, parent, bits, tmp), name, tags, alias, experiment_id=parent.info.experiment_id,
+            **{f"dudch.holder_{m}": str(v) for m, v in held.items() if v is not None}})
+        return outcome["tags"]
+
+    # MLflow cannot compare-and-set an alias. On a local store promotions take turns (a lock);
+    # on a server the gate is judged again just before registering, against whoever holds the
+    # alias then, so that of two concurrent promotions the later one is judged against the first.
+    with store_lock(mlflow.get_tracking_uri(), "promote"), tempfile.TemporaryDirectory() as tmp:
+        judge()  # refuse before the model is built
+        version = register(build(client, parent, bits, tmp), name, judge, alias, experiment_id=parent.info.experiment_id,
                            run_name=f"promote-{bits}bits", parent_run_id=parent.info.run_id,
                            run_tags={KIND_TAG: "promotion", "dudch.bits": str(bits), **commit})
-    return dict(name=name, version=version.version, decision=decision, scores=scores, held=held)
+    return dict(name=name, version=version.version, decision=outcome["decision"], scores=scores, held=outcome["held"])
 
 
 def register(retriever_dir, name, tags, alias, experiment_id, run_name, parent_run_id, run_tags):
     """Check a retriever folder by loading and querying it, log it as a pyfunc model in a new
     MLflow run (`run_name`, `run_tags`, under `parent_run_id` in `experiment_id`), register that
     as a new version of model `name` with `tags`, and move `alias` to it (None: no alias moves).
-    Returns the ModelVersion. Until the version is created nothing is registered, so a failure
-    or an interruption before leaves every registered version as it was."""
+    `tags` may be a function returning them, called just before registering (it may refuse with
+    a DudchError). Returns the ModelVersion. Until the version is created nothing is registered,
+    so a failure or an interruption before leaves every registered version as it was."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -153,6 +166,7 @@ def register(retriever_dir, name, tags, alias, experiment_id, run_name, parent_r
         logged = mlflow.pyfunc.log_model(
             name="retrieval", loader_module=serving.LOADER_MODULE, data_path=str(retriever_dir),
             signature=SIGNATURE, input_example=example, pip_requirements=_requirements())
+    tags = tags() if callable(tags) else tags
     try:
         client.create_registered_model(name)
     except MlflowException:

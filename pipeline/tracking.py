@@ -45,7 +45,7 @@ def connect(root):
         _check_server(uri)
     for attempt in range(RACE_ATTEMPTS):
         try:
-            with _store_lock(uri):
+            with store_lock(uri):
                 experiment = _experiment(uri)
             break
         except Exception as error:  # MLflow raises many types for a broken store
@@ -59,13 +59,15 @@ def connect(root):
 
 
 @contextlib.contextmanager
-def _store_lock(uri):
-    """Around the first use of a store: for a local sqlite file, an exclusive lock beside it, so
-    that two first runs do not both create its tables (their migrations break each other)."""
+def store_lock(uri, purpose=""):
+    """For a local sqlite store, an exclusive lock beside its file (one per `purpose`); for other
+    stores, nothing. Around the first use of a store, so that two first runs do not both create
+    its tables (their migrations break each other), and around a promotion (`purpose`
+    "promote"), so that two promotions take their turns at the gate."""
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path = Path(uri.removeprefix("sqlite:///") + (f".{purpose}" if purpose else "") + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

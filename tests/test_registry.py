@@ -23,7 +23,7 @@ from dudch import DudchError
 from pipeline import registry, serving
 from pipeline.registry import GATE_METRICS, gate
 from tests.conftest import free_port, wait_for_port
-from tests.helpers import OPENCLIPART, dudch
+from tests.helpers import OPENCLIPART, ROOT, dudch
 
 
 def student_output(pipeline_run, bits):
@@ -149,6 +149,23 @@ def test_the_gate_compares_at_one_length_registers_nothing_it_refuses_and_record
         assert float(version.tags[f"dudch.holder_{metric}"]) == pytest.approx(scores[32][metric])
     again = promote(pipeline_run, "--run", pipeline_run["run_id"], "--bits", "16", "--name", name)
     assert again.returncode == 0 and "promoted: mAP@50 and mAP@all at least version 2's" in again.stdout
+
+
+def test_of_two_concurrent_promotions_exactly_one_wins_and_the_other_says_why(pipeline_run):
+    """Both start at once against an alias nobody holds: the one that registers first holds it,
+    and the other is judged against it (another code length: refused) and registers nothing."""
+    name, dudch_bin = "race-test", str(Path(sys.executable).with_name("dudch"))
+    racers = [subprocess.Popen([dudch_bin, "promote", "--run", pipeline_run["run_id"], "--bits", bits, "--name", name],
+                               cwd=ROOT, env={**os.environ, **pipeline_run["env"]}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for bits in ("16", "32")]
+    results = [(racer.wait(timeout=600), *racer.communicate()) for racer in racers]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    (won,) = [out for code, out, _ in results if code == 0]
+    (lost,) = [err for code, _, err in results if code == 2]
+    assert "(promoted: no model held the alias)" in won
+    assert "holds the alias at" in lost and lost.count("\n") == 1 and "Traceback" not in lost
+    versions = pipeline_run["client"].search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1 and str(pipeline_run["client"].get_model_version_by_alias(name, "production").version) == "1"
 
 
 def test_the_gate_refuses_a_loss_on_any_metric_or_direction():
