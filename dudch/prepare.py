@@ -140,6 +140,11 @@ def describe(source, config=PrepareConfig()):
         size = stored[1:] if stored else (config.image_size, config.image_size, 3)
         image = dict(kind="pixels", shape=[len(data), *map(int, size)])
     warnings = list(data.warnings)
+    problems = data.images.problems() if hasattr(data.images, "problems") else {}
+    if problems:
+        path, why = next(iter(problems.items()))
+        warnings.append(f"{len(problems)} images will not decode (first {path}: {why}); a run leaves them "
+                        f"out (on_bad_image=skip) or stops (on_bad_image=fail): replace or remove them")
     if config.text_features == "minilm" and data.texts is not None:
         text_width = MINILM_DIM  # without running the sentence model
     else:

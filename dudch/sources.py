@@ -442,3 +442,28 @@ class FileImages:
 
     def batch(self, rows, size):
         return [read_image(self.paths[r], size) for r in rows]
+
+    def problems(self):
+        """{path: why it will not decode} from what can be seen without decoding: the file's
+        size, and a raster's header (its format and pixel count)."""
+        from PIL import Image
+
+        from dudch.features import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+
+        found = {}
+        for path in self.paths:
+            size = path.stat().st_size
+            if size == 0 or size > MAX_IMAGE_BYTES:
+                found[path] = "empty" if size == 0 else f"over {MAX_IMAGE_BYTES // 2**20} MiB"
+            elif path.suffix.lower() != ".svg":
+                try:
+                    with Image.open(path) as image:
+                        pixels = image.width * image.height
+                except Image.DecompressionBombError:  # PIL's own guard, far above ours
+                    pixels = MAX_IMAGE_PIXELS + 1
+                except Exception:  # PIL raises several types for what is no image
+                    found[path] = "not a PNG or JPEG"
+                    continue
+                if pixels > MAX_IMAGE_PIXELS:
+                    found[path] = f"over {MAX_IMAGE_PIXELS:,} pixels"
+        return found

@@ -269,3 +269,29 @@ def test_a_read_only_feature_cache_is_found_before_any_work(tmp_path):
         subprocess.run(["umount", str(cache)], check=True)
     refused(done, f"the feature cache {cache} is not writable (Read-only file system); fix its permissions or free space")
     assert done.stdout == "" and not (tmp_path / "mlflow.db").exists()
+
+
+def png_header(width, height):
+    """A PNG that claims width x height pixels: its signature and header chunk, no pixel data."""
+    import struct
+    import zlib
+
+    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header))
+            + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+
+
+def test_data_inspect_warns_about_images_that_will_not_decode(tmp_path):
+    manifest = write_manifest(tmp_path, [json.dumps(dict(image=f"images/{name}", text="x"))
+                                         for name in ("0.svg", "text.png", "empty.jpg", "huge.png")])
+    (tmp_path / "images" / "text.png").write_text("not an image\n")
+    (tmp_path / "images" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "images" / "huge.png").write_bytes(png_header(30_000, 30_000))
+    done = inspect(manifest)
+    assert done.returncode == 0, done.stderr
+    (warning,) = [w for w in json.loads(done.stdout)["warnings"] if "will not decode" in w]
+    assert warning.startswith(f"3 images will not decode (first {tmp_path / 'images' / 'text.png'}: not a PNG or JPEG)")
+    from dudch.sources import FileImages
+
+    assert FileImages([tmp_path / "images" / "huge.png"]).problems() == {
+        tmp_path / "images" / "huge.png": "over 64,000,000 pixels"}
