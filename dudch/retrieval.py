@@ -18,6 +18,7 @@ from dudch import DudchError, first_line, nets
 from dudch.storage import save_json, save_npz
 
 EXACT_LIMIT = 1_000_000  # above this many database items, search an approximate index
+ENCODE_BATCH = 64  # images encoded at once by a query
 
 
 def pack(codes):
@@ -166,7 +167,9 @@ class Retriever:
             pixels.append(decoded)
         if self._image_encoder is None:
             self._image_encoder = ImageEncoder()
-        return self._image_encoder.encode(np.stack(pixels))
+        # In batches, as the prepare stage encodes: 256 images at once hold about a GB of activations.
+        return np.concatenate([self._image_encoder.encode(np.stack(pixels[start:start + ENCODE_BATCH]))
+                               for start in range(0, len(pixels), ENCODE_BATCH)])
 
     def database_codes(self):
         return unpack(self.packed, self.bits)

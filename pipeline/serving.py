@@ -15,21 +15,30 @@ refusal is one line with no stack trace.
 
 import base64
 import binascii
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from dudch import DudchError, shown
 
 LOADER_MODULE = __name__
 QUERY_COLUMNS = ("text", "image_b64", "image", "text_features", "image_features")
-# Per request. top_k 0 asks for codes only.
-LIMITS = dict(rows=256, text_chars=2000, image_bytes=8 * 2**20, top_k=1000)
+# Per request. top_k 0 asks for codes only. results: queries x top_k, the size of the answer.
+LIMITS = dict(rows=256, text_chars=2000, image_bytes=8 * 2**20, request_image_bytes=32 * 2**20, top_k=1000,
+              results=25_000)
+# Per model process: requests are answered one at a time (encoding a request's images takes the
+# cores and hundreds of MB), `waiting` more may wait for their turn, at most `wait_s` seconds;
+# any beyond are refused at once with HTTP 503. So memory and the time to every reply stay
+# bounded however many clients ask at once (an unbounded queue ran into the scoring server's
+# 60 s timeout, 504, with the work still going on behind it).
+ADMISSION = dict(waiting=4, wait_s=20)
 # A deployment that wants to encode images from its own disk names the folder they may come
 # from; without it an "image" (path) column is refused.
 IMAGE_DIR_ENV = "DUDCH_SERVE_IMAGE_DIR"
@@ -99,16 +108,48 @@ def _feature_rows(values):
         raise DudchError("feature rows must be lists of numbers of one length") from None
 
 
+class _Turns:
+    """One request at a time, a bounded number waiting (ADMISSION); the rest refused at once."""
+
+    def __init__(self, waiting, wait_s):
+        self.waiting, self.wait_s = waiting, wait_s
+        self.inside, self.count_lock, self.turn = 0, threading.Lock(), threading.Lock()
+
+    @contextlib.contextmanager
+    def taken(self):
+        busy = ("the model is busy with other requests; retry in a few seconds (one request is answered "
+                "at a time, and a few may wait)")
+        with self.count_lock:
+            if self.inside > self.waiting:
+                raise QueryRefused(busy, TEMPORARILY_UNAVAILABLE)
+            self.inside += 1
+        try:
+            if not self.turn.acquire(timeout=self.wait_s):
+                raise QueryRefused(busy, TEMPORARILY_UNAVAILABLE)
+            try:
+                yield
+            finally:
+                self.turn.release()
+        finally:
+            with self.count_lock:
+                self.inside -= 1
+
+
+_TURNS = _Turns(**ADMISSION)
+
+
 def _refusing(predict):
     """Turn every failure of `predict` into a one-line QueryRefused: the model's own refusals as
-    they are, anything unexpected without its details (which stay in the server's log)."""
+    they are, anything unexpected without its details (which stay in the server's log). Calls
+    take their turn (`_Turns`)."""
     import functools
     import logging
 
     @functools.wraps(predict)
     def wrapper(self, model_input, params=None):
         try:
-            return predict(self, pd.DataFrame(model_input), params or {})
+            with _TURNS.taken():
+                return predict(self, pd.DataFrame(model_input), params or {})
         except QueryRefused:
             raise
         except DudchError as error:
@@ -170,12 +211,19 @@ class RetrievalModel:
             raise DudchError(f"top_k must be 1 to {LIMITS['top_k']} (0: codes only), got {top_k!r}")
         column = _query_column(frame)
         values = frame[column].tolist()
+        if len(values) * top_k > LIMITS["results"]:
+            raise DudchError(f"{len(values)} queries x top_k {top_k} = {len(values) * top_k:,} results in one request; "
+                             f"at most {LIMITS['results']:,}: send fewer queries or a smaller top_k")
         texts = [None] * len(values)
         if column == "text":
             texts = [_text(v) for v in values]
             codes = self.retriever.encode(texts=texts)
         elif column == "image_b64":
-            codes = self.retriever.encode(images=[_image_bytes(i, v) for i, v in enumerate(values)])
+            images = [_image_bytes(i, v) for i, v in enumerate(values)]
+            if sum(map(len, images)) > LIMITS["request_image_bytes"]:
+                raise DudchError(f"{sum(map(len, images)) / 2**20:.0f} MiB of images in one request; at most "
+                                 f"{LIMITS['request_image_bytes'] // 2**20} MiB: send them in several requests")
+            codes = self.retriever.encode(images=images)
         elif column == "image":
             codes = self.retriever.encode(images=[_server_image(v) for v in values])
         else:

@@ -6,8 +6,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -188,16 +190,22 @@ def test_promote_refuses_a_stage_run(pipeline_run):
     assert done.returncode == 2 and "is not a pipeline run" in done.stderr
 
 
-def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_run, production):
+def start_serving(env, model_uri="models:/dudch@production"):
+    """(process, port) of `mlflow models serve` on a loopback port, in its own process group."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != serving.IMAGE_DIR_ENV}
+    clean = {k: v for k, v in os.environ.items() if k != serving.IMAGE_DIR_ENV}
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/dudch@production",
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         # `mlflow models serve` starts `uvicorn` by name: the virtualenv's bin must be on PATH
         # (as it is for a user who activated it).
-        env={**env, **pipeline_run["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env={**clean, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return server, port
+
+
+def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_run, production):
+    server, port = start_serving(pipeline_run["env"])
 
     def ask(columns, data, **params):
         body = {"dataframe_split": {"columns": columns, "data": data}, "params": params}
@@ -244,8 +252,74 @@ def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_r
             reply = ask(["text"], [[empty]], top_k=3)
             assert reply.status_code == 200 and "the ranking is arbitrary" in reply.json()["predictions"][0]["warning"]
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
         server.wait(timeout=30)
+
+
+def tree_rss(pid):
+    """Resident memory in bytes of a process and all its descendants."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    total, frontier = 0, [pid]
+    while frontier:
+        current = frontier.pop()
+        frontier += children.get(current, [])
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total
+
+
+def test_the_served_model_holds_its_bounds_under_concurrent_heavy_requests(pipeline_run, production):
+    """A bounded loopback load: 50 clients at once, each 25 drawings with top_k 1000. Every one
+    is answered (200) or refused at once as busy (503, one line), none times out (504), and the
+    server's memory stays bounded (it reached 5.1 GB before requests took turns)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    drawings = [b64(p) for p in sorted(OPENCLIPART.glob("food/*.svg"))[:25]]
+    body = {"dataframe_split": {"columns": ["image_b64"], "data": [[d] for d in drawings]}, "params": {"top_k": 1000}}
+    server, port = start_serving(pipeline_run["env"])
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss(server.pid))
+            time.sleep(0.2)
+    try:
+        wait_for_port(port, server, "mlflow models serve", timeout=300)
+        for _ in range(300):  # the port opens before the model has loaded
+            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=10).status_code == 200:
+                break
+            time.sleep(0.5)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(50) as clients:
+            replies = list(clients.map(lambda _: requests.post(f"http://127.0.0.1:{port}/invocations", json=body,
+                                                                timeout=300), range(50)))
+        done.set()
+        watcher.join()
+    finally:
+        done.set()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    for reply in replies:
+        if reply.status_code == 503:
+            assert reply.json() == {"error_code": "TEMPORARILY_UNAVAILABLE", "message": (
+                "the model is busy with other requests; retry in a few seconds (one request is answered at a "
+                "time, and a few may wait)")}
+        else:
+            found = reply.json()["predictions"]
+            assert len(found) == 25 and len(found[0]["ids"]) == min(1000, len(production.get_raw_model().item_id))
+    assert peak[0] < 3 * 2**30, f"the server's memory peaked at {peak[0] / 2**30:.1f} GiB"
 
 
 def test_server_side_image_paths_only_inside_the_allowed_folder(production, tmp_path, monkeypatch):
