@@ -639,10 +639,10 @@ def _index(args):
         dataset, pin, _ = _resolve_dataset(root, args.dataset, {}, on_this_machine=True)
         result = index.add(args.model, dataset, pin["md5"], str(root / ".dudch" / "cache"), args.name, args.alias,
                            progress=sys.stderr.isatty())
-        change = f"{result['added']} items added"
+        change = f"{_items(result['added'])} added"
     else:
         result = index.remove(args.model, index.read_ids(args.ids), args.name, args.alias)
-        change = f"{result['removed']} items removed"
+        change = f"{_items(result['removed'])} removed"
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     moved = f"@{args.alias} moved to it" if args.alias else "no alias moved (pass --alias to move one)"
@@ -650,6 +650,10 @@ def _index(args):
     print(f"{result['name']} version {result['version']}: version {result['parent']} with {change}, "
           f"{result['items']} items in all, in {time.perf_counter() - started:.0f} s; {moved}\n"
           f"search it: dudch search --model {uri} --text ...")
+
+
+def _items(count):
+    return f"{count} item{'' if count == 1 else 's'}"
 
 
 def _compare(args):

@@ -119,7 +119,7 @@ def test_index_add_and_remove_through_a_server(tracking_server, server_runs, tmp
     assert found.returncode == 0 and "images/0.svg" in found.stdout, found.stderr[-2000:]
     (tmp_path / "ids.txt").write_text("images/0.svg\n")
     removed = dudch("index", "remove", "--model", "models:/served-index/2", "--ids", str(tmp_path / "ids.txt"), env=env)
-    assert removed.returncode == 0 and "version 3: version 2 with 1 items removed" in removed.stdout, removed.stderr[-2000:]
+    assert removed.returncode == 0 and "version 3: version 2 with 1 item removed" in removed.stdout, removed.stderr[-2000:]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_server["url"])
     try:
