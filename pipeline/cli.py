@@ -155,6 +155,16 @@ def _parser():
     search.add_argument("--top", type=_top_k, default=10, help="how many items to list (1 to 1000)")
     search.set_defaults(handler=_search)
 
+    serve = commands.add_parser("serve", help="serve a registered model over HTTP: MLflow's scoring server "
+                                "(/invocations, /ping) behind a guard that bounds request bodies and keeps "
+                                "error replies to one line", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--model", default="models:/dudch@production", help="a model URI")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--workers", type=_count(64), default=1, help="server processes, each with its own copy of "
+                       "the model (and its own turn-taking: one request encoded at a time per process)")
+    serve.set_defaults(handler=_serve)
+
     index = commands.add_parser("index", help="grow or shrink a registered model's database without "
                                 "retraining: a new version of the model, with its lineage").add_subparsers(
                                     title="index commands")
@@ -650,6 +660,23 @@ def _index(args):
     print(f"{result['name']} version {result['version']}: version {result['parent']} with {change}, "
           f"{result['items']} items in all, in {time.perf_counter() - started:.0f} s; {moved}\n"
           f"search it: dudch search --model {uri} --text ...")
+
+
+def _serve(args):
+    import uvicorn
+
+    from pipeline import serving, tracking
+
+    tracking.connect(Path.cwd())
+    os.environ[serving.MODEL_ENV] = args.model
+    app = serving.served_app()  # loaded here, so that a model that cannot be served is one line, before listening
+    print(f"serving {args.model} at http://{args.host}:{args.port}/invocations ({args.workers} worker"
+          f"{'s' if args.workers > 1 else ''}); Ctrl-C stops it", flush=True)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    else:
+        uvicorn.run("pipeline.serving:served_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level="warning")
 
 
 def _items(count):

@@ -283,3 +283,102 @@ def _server_image(value):
         return data
     except (OSError, ValueError, RuntimeError):  # also a NUL byte, a symlink loop
         raise DudchError(f"cannot read image {shown(value)} from the deployment's image folder") from None
+
+
+# `dudch serve`: MLflow's scoring server for a model, behind a guard for what reaches the server
+# before the model: bodies past MAX_BODY_BYTES (the largest valid request, 32 MiB of images in
+# base64, fits), JSON nested past MAX_JSON_DEPTH (the parser would recurse until it fails), and
+# error replies that would echo the input or carry a stack trace.
+MAX_BODY_BYTES = 48 * 2**20
+MAX_JSON_DEPTH = 32
+MODEL_ENV = "DUDCH_SERVE_MODEL"  # the model URI, for each worker's app
+
+
+def served_app():
+    """The ASGI app serving the model named by DUDCH_SERVE_MODEL (uvicorn's factory)."""
+    from mlflow.pyfunc import scoring_server
+
+    from pipeline import registry
+
+    return Guard(scoring_server.init(registry.load(os.environ[MODEL_ENV])))
+
+
+def json_depth(body):
+    """How deep a JSON text nests its arrays and objects (brackets inside strings not counted)."""
+    import re
+
+    bare = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', body)
+    codes = np.frombuffer(bare, dtype=np.uint8)
+    steps = np.isin(codes, (91, 123)).astype(np.int64) - np.isin(codes, (93, 125))
+    return int(np.cumsum(steps).max()) if len(steps) else 0
+
+
+class Guard:
+    """ASGI middleware around the scoring server's /invocations (see MAX_BODY_BYTES)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/invocations":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY_BYTES:
+                return await _reply(send, 413, "REQUEST_TOO_LARGE", f"the request is over {MAX_BODY_BYTES // 2**20} MiB; "
+                                    f"send fewer or smaller queries per request")
+        if json_depth(body) > MAX_JSON_DEPTH:
+            return await _reply(send, 400, "BAD_REQUEST", f"the JSON nests deeper than {MAX_JSON_DEPTH} levels; send "
+                                '{"dataframe_split": {"columns": [...], "data": [[...]]}}')
+        started, chunks, delivered = {}, [], []
+
+        async def replay():  # the body, read above, goes to the app once; then what the client sends
+            if delivered:
+                return await receive()
+            delivered.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                started.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    await _forward(send, started, b"".join(chunks))
+        try:
+            await self.app(scope, replay, capture)
+        except Exception:  # what the server does not catch: one line, the details in its log
+            import logging
+
+            logging.getLogger(__name__).exception("request failed")
+            if not started:
+                await _reply(send, 500, "INTERNAL_ERROR", "the server failed on this request; its log has the details")
+
+
+async def _forward(send, started, body):
+    """The app's reply, with an error's body cut to one short line without echo or stack trace."""
+    status = started["status"]
+    headers = [(k, v) for k, v in started.get("headers", []) if k.lower() != b"content-length"]
+    if status >= 400:
+        try:
+            error = json.loads(body)
+            code, message = error.get("error_code", "BAD_REQUEST"), str(error.get("message", ""))
+        except (ValueError, AttributeError):
+            code, message = ("BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"), body.decode("utf-8", "replace")
+        first = message.split("\nInput:")[0].strip().splitlines()
+        line = first[0] if first else ""
+        body = json.dumps({"error_code": code, "message": line if len(line) <= 300 else line[:300] + "..."}).encode()
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-type"] + [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _reply(send, status, code, message):
+    body = json.dumps({"error_code": code, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -447,3 +447,43 @@ def test_compare_tabulates_runs_and_their_differences(pipeline_run):
            for m in ("map_50", "map_all")}
     assert float(lines[3].split()[4]) == pytest.approx(old[(16, "i2t", "map_50")], abs=1e-4)
     assert float(lines[8].split()[4]) == pytest.approx(old[(16, "i2t", "map_all")], abs=1e-4)
+
+
+def test_dudch_serve_guards_what_reaches_the_scoring_server_before_the_model(pipeline_run, production, monkeypatch):
+    """MLflow's scoring server echoes a malformed body in its 400, puts a stack trace in a CSV
+    one, and recurses until it fails (HTTP 500) on deeply nested JSON; behind `dudch serve`'s
+    guard each is one short line, and a body past the bound is refused before it is parsed."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv(serving.MODEL_ENV, "models:/dudch@production")
+    client = TestClient(serving.served_app())
+    for body, content_type, status, message in (
+            (b"{not json " + b"x" * 10_000, "application/json", 400, "Invalid input. Ensure that input is a valid JSON"),
+            (b"text\ntux\n", "text/csv", 400, "Failed to parse input as a Pandas DataFrame"),
+            (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "the JSON nests deeper than 32 levels"),
+            (b'{"a": "' + b"x" * (49 * 2**20) + b'"}', "application/json", 413, "the request is over 48 MiB")):
+        reply = client.post("/invocations", content=body, headers={"Content-Type": content_type})
+        assert reply.status_code == status and len(reply.text) < 500, reply.text[:500]
+        error = reply.json()
+        assert set(error) == {"error_code", "message"} and error["message"].startswith(message)
+        assert "xxxx" not in reply.text and "Traceback" not in reply.text
+    good = {"dataframe_split": {"columns": ["text"], "data": [["tux"]]}, "params": {"top_k": 2}}
+    reply = client.post("/invocations", json=good)
+    local = production.predict(pd.DataFrame({"text": ["tux"]}), params={"top_k": 2})
+    assert reply.status_code == 200 and reply.json()["predictions"][0]["ids"] == local["ids"][0]
+    # The same through the real command, over HTTP.
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "serve", "--port", str(port)], cwd=ROOT,
+                              env={**os.environ, **pipeline_run["env"]}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, start_new_session=True)
+    try:
+        wait_for_port(port, server, "dudch serve", timeout=300)
+        served = requests.post(f"http://127.0.0.1:{port}/invocations", json=good, timeout=60)
+        assert served.status_code == 200 and served.json()["predictions"][0]["ids"] == local["ids"][0]
+        deep = requests.post(f"http://127.0.0.1:{port}/invocations", data=b"[" * 100_000, timeout=60,
+                             headers={"Content-Type": "application/json"})
+        assert deep.status_code == 400 and deep.json()["error_code"] == "BAD_REQUEST"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert server.stdout.read().startswith(f"serving models:/dudch@production at http://127.0.0.1:{port}/invocations")
