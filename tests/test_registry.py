@@ -487,3 +487,10 @@ def test_dudch_serve_guards_what_reaches_the_scoring_server_before_the_model(pip
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     assert server.stdout.read().startswith(f"serving models:/dudch@production at http://127.0.0.1:{port}/invocations")
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    assert serving.json_depth(b'{"a": [[1, 2], {"b": []}]}') == 4
+    assert serving.json_depth(b'{"text": "[[[[[[ \\" ]]]] {{{{", "x": [1]}') == 2  # brackets and an escaped quote in a string
+    assert serving.json_depth(b'["\\\\", [[]]]') == 3  # an escaped backslash ends no string early
+    assert serving.json_depth(b"[" * 100 + b"]" * 100) == 100 and serving.json_depth(b"") == 0
