@@ -34,11 +34,9 @@ def add(model_uri, source, data_version, cache_dir, name=None, alias=None, progr
     "version", "parent", "added", "items", "notes": [one-line notes]}."""
     import mlflow
 
-    registry.quiet_mlflow()
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
-        parent, folder = _open(client, model_uri, tmp)
-        model = retrieval.load(folder)
+        parent, folder, model = _open(client, model_uri, tmp)
         items = retrieval.item_features(source, model.encoders, model.student, cache_dir, progress)
         held = np.isin(items["item_id"], model.item_id)
         if held.all():
@@ -63,12 +61,10 @@ def remove(model_uri, ids, name=None, alias=None):
     nothing is registered. Returns the dict of `add`, with "removed" for "added"."""
     import mlflow
 
-    registry.quiet_mlflow()
     client = mlflow.MlflowClient()
     ids = np.unique(np.asarray(ids, dtype=str))
     with tempfile.TemporaryDirectory() as tmp:
-        parent, folder = _open(client, model_uri, tmp)
-        model = retrieval.load(folder)
+        parent, folder, model = _open(client, model_uri, tmp)
         held = np.isin(ids, model.item_id)
         if not held.any():
             raise DudchError(f"none of the {len(ids)} ids is in {model_uri}; nothing to remove, so no "
@@ -97,7 +93,8 @@ def read_ids(path):
 
 
 def _open(client, model_uri, destination):
-    """(the ModelVersion at `model_uri`, its retriever folder downloaded below `destination`)."""
+    """(the ModelVersion at `model_uri`, its retriever folder downloaded below `destination`, the
+    Retriever loaded from it). The download is quiet (`registry.download`)."""
     from mlflow.exceptions import MlflowException
 
     match = _REGISTERED.fullmatch(model_uri)
@@ -116,7 +113,7 @@ def _open(client, model_uri, destination):
     if not (folder / data / "database.npz").is_file():
         raise DudchError(f"{model_uri} is not a dudch retrieval model (it has no database); grow a model "
                          f"that `dudch promote` registered")
-    return version, folder / data
+    return version, folder / data, retrieval.load(folder / data)
 
 
 def _lineage(added, removed, items):
