@@ -19,7 +19,9 @@ def default_device():
 class HashNets(nn.Module):
     """An image and a text hashing network, returning continuous hash-layer outputs h.
 
-    The image branch takes backbone features (n, image_dim) by default; with
+    Each branch is an MLP: its input, ReLU hidden layers of the widths `image_hidden` /
+    `text_hidden` (an int for one layer, a list for several, 0 or [] for none), then the hash
+    layer (`bits`). The image branch takes backbone features (n, image_dim) by default; with
     image_backbone="efficientnet-lite0" it takes uint8 pixels (n, h, w, 3) through a trainable
     EfficientNet-Lite0 (end-to-end fine-tuning, for GPU nodes)."""
 
@@ -27,17 +29,14 @@ class HashNets(nn.Module):
         super().__init__()
         self.dims = dict(image_dim=image_dim, text_dim=text_dim, bits=bits, text_hidden=text_hidden,
                          image_hidden=image_hidden, image_backbone=image_backbone)
-        self.image = (nn.Linear(image_dim, bits) if not image_hidden else
-                      nn.Sequential(nn.Linear(image_dim, image_hidden), nn.ReLU(),
-                                    nn.Linear(image_hidden, bits)))
+        self.image = _mlp(image_dim, image_hidden, bits)
         if image_backbone:
             if image_backbone != "efficientnet-lite0":
                 raise DudchError(f"unknown image backbone {image_backbone!r}; use efficientnet-lite0")
             from dudch.features import efficientnet_backbone
 
             self.image = nn.Sequential(efficientnet_backbone(), self.image)
-        self.text = nn.Sequential(nn.Linear(text_dim, text_hidden), nn.ReLU(),
-                                  nn.Linear(text_hidden, bits))
+        self.text = _mlp(text_dim, text_hidden, bits)
 
     @property
     def takes_pixels(self):
@@ -45,6 +44,17 @@ class HashNets(nn.Module):
 
     def forward(self, image, text):
         return self.image(image), self.text(text)
+
+
+def _mlp(in_dim, hidden, out_dim):
+    """Linear layers through the `hidden` widths (int or list; 0 or [] for none), ReLU between.
+    With no hidden layer the branch is a bare nn.Linear (the layout saved models have)."""
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    widths = [in_dim, *(w for w in widths if w), out_dim]
+    layers = [nn.Linear(widths[0], widths[1])]
+    for a, b in zip(widths[1:-1], widths[2:]):
+        layers += [nn.ReLU(), nn.Linear(a, b)]
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 def check_pairs(image, text, pixels=False):

@@ -114,7 +114,12 @@ class SimilarityGraph:
             raise DudchError(f"a fraction of similar pairs must be in (0, 1), got {fraction}")
         rng = np.random.default_rng(seed)
         i, j = rng.integers(0, len(self.z), 200_000), rng.integers(0, len(self.z), 200_000)
-        return np.quantile(np.einsum("ij,ij->i", self.z[i], self.z[j]), 1 - fraction, method="lower")
+        # in chunks of pairs: for a wide z (UCCH's 8192-d deep features) all 200,000 at once
+        # would take tens of GB
+        step = max(1, 2**24 // self.z.shape[1])
+        values = np.concatenate([np.einsum("ij,ij->i", self.z[i[s:s + step]], self.z[j[s:s + step]])
+                                 for s in range(0, len(i), step)])
+        return np.quantile(values, 1 - fraction, method="lower")
 
     def __len__(self):
         return len(self.z)

@@ -1,13 +1,13 @@
 """Labels are for evaluation only. Two real OpenClipart trees that differ only in which category
 folder each drawing sits in (its labels) must give identical training inputs and identical
-trained codes; and in the pipeline only the evaluate task may consume the labels artifact."""
+trained codes (the student's and UCCH's); and in the pipeline only the evaluate task may consume the labels artifact."""
 
 import shutil
 
 import numpy as np
 import yaml
 
-from dudch import openclipart, prepare
+from dudch import nets, openclipart, prepare, ucch
 from dudch.similarity import SimilarityGraph, embedding
 from dudch.student import StudentConfig
 from dudch.student import fit as fit_student
@@ -46,7 +46,9 @@ def train_codes(features):
                                  np.searchsorted(database, train), graph,
                                  StudentConfig(bits=16, outer_iterations=2, inner_epochs=1,
                                                image_hidden=32, text_hidden=64))
-    return codes
+    peer = ucch.fit(features["image"][train], features["text"][train],
+                    ucch.UCCHConfig(bits=16, epochs=3, batch_size=32, negatives=64, hidden=64))
+    return codes, nets.hash_outputs(peer, features["image"], features["text"])
 
 
 def test_permuting_labels_changes_nothing_that_training_sees(openclipart_root, tmp_path):
@@ -60,7 +62,10 @@ def test_permuting_labels_changes_nothing_that_training_sees(openclipart_root, t
     assert not {"labels", "label_names", "path"} & set(features_a)
     for key in features_a:
         np.testing.assert_array_equal(features_a[key], features_b[key], err_msg=key)
-    np.testing.assert_array_equal(train_codes(features_a), train_codes(features_b))
+    (codes_a, ucch_a), (codes_b, ucch_b) = train_codes(features_a), train_codes(features_b)
+    np.testing.assert_array_equal(codes_a, codes_b)  # the student's, from DJSRH
+    np.testing.assert_array_equal(ucch_a[0], ucch_b[0])  # UCCH's
+    np.testing.assert_array_equal(ucch_a[1], ucch_b[1])
 
 
 def test_only_the_evaluate_task_consumes_labels():
