@@ -24,6 +24,7 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
 
         from components.tracking import markdown_table, run_link, stage_run
         from dudch import nets, prepare
+        from dudch.teacher import TEACHER_NAMES
         from dudch.evaluate import evaluate as run_evaluation
         from dudch.evaluate import plot_curves, plot_retrieval_examples, student_codes
 
@@ -40,7 +41,9 @@ def evaluate(features: Input[Dataset], labels: Input[Dataset], teacher: Input[Mo
             return f"![plot](data:image/png;base64,{base64.b64encode(png.getvalue()).decode()})"
 
         with stage_run(mlflow_parent_run_id, "evaluate", bits) as run:
-            heading = f"# DUDCH, {bits} bits\n\nMLflow run: {run_link(run)}\n\n"
+            method = teacher.metadata.get("method", "djsrh")
+            heading = (f"# DUDCH, {bits} bits, teacher {TEACHER_NAMES.get(method, method)}\n\n"
+                       f"MLflow run: {run_link(run)}\n\n")
             if label_data["labels"].shape[1] == 0:
                 console.warn("the dataset has no labels: the codes were trained, no mAP can be computed")
                 mlflow.set_tag("dudch.evaluation", "skipped: the dataset has no labels")

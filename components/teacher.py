@@ -4,13 +4,16 @@ from components import component
 
 
 @component
-def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: int, beta: float,
+def train_teacher(features: Input[Dataset], method: str, bits: int, epochs: int, batch_size: int, beta: float,
                   eta: float, mu: float, lambda1: float, lambda2: float, lr_image: float,
                   lr_text: float, momentum: float, weight_decay: float, image_input: str,
+                  ucch_epochs: int, ucch_batch_size: int, ucch_hidden: int, ucch_lr: float,
+                  ucch_temperature: float, ucch_alpha: float, ucch_negatives: int, ucch_bank_momentum: float,
                   seed: int, teacher: Output[Model], record: Output[Artifact]):
-    """DJSRH on the training subset's image/text features -> `teacher` (model.pt) and `record`
+    """The teacher `method` (djsrh: DJSRH with the plain parameters; ucch: UCCH with the ucch_
+    ones) on the training subset's image/text features -> `teacher` (model.pt) and `record`
     (what `log_stage` logs to MLflow: this task is cached, so it takes no run id). With
-    image_input "pixels" the image branch fine-tunes EfficientNet-Lite0 end to end (GPU)."""
+    image_input "pixels" DJSRH's image branch fine-tunes EfficientNet-Lite0 end to end (GPU)."""
     from components.console import task_console
 
     with task_console("teacher", bits) as console:
@@ -18,33 +21,44 @@ def train_teacher(features: Input[Dataset], bits: int, epochs: int, batch_size: 
         from dataclasses import asdict
 
         from components.tracking import StageRecord
-        from dudch import nets, prepare
+        from dudch import nets, prepare, teacher as djsrh, ucch
         from dudch.evaluate import plot_losses
-        from dudch.teacher import TeacherConfig, fit
 
-        config = TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
-                               mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
-                               lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
-                               image_input=image_input, seed=seed)
+        if method == "ucch":
+            config = ucch.UCCHConfig(bits=bits, epochs=ucch_epochs, batch_size=ucch_batch_size, hidden=ucch_hidden,
+                                     lr=ucch_lr, temperature=ucch_temperature, alpha=ucch_alpha,
+                                     negatives=ucch_negatives, bank_momentum=ucch_bank_momentum, seed=seed)
+        else:
+            config = djsrh.TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
+                                         mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
+                                         lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
+                                         image_input=image_input, seed=seed)
+        name = djsrh.TEACHER_NAMES[method]
         data = prepare.load_features(features.path, expect=("image", "text", "train"))
         train = data["train"]
         log = StageRecord(record.path, "teacher", bits)
-        log.log_params(asdict(config))
+        log.log_params({"teacher": method, **asdict(config)})
+        log.set_tags({"dudch.teacher": method})
         history = {"loss": []}
 
         def log_epoch(epoch, loss, seconds):
             history["loss"].append(loss)
             log.log_metrics({"loss": loss, "epoch_time_s": seconds}, step=epoch)
-            console.progress(epoch + 1, epochs, "epochs", f"loss {loss:.5f} ({seconds:.2f}s)")
+            console.progress(epoch + 1, config.epochs, "epochs", f"{name} loss {loss:.5f} ({seconds:.2f}s)")
 
-        pixels = data["pixels"][train] if "pixels" in data else None
         # In the task's own output: a retried (preempted) task finds it and resumes.
         os.makedirs(teacher.path, exist_ok=True)
         checkpoint = os.path.join(teacher.path, "checkpoint.pt")
-        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
-                      pixels=pixels, checkpoint=checkpoint)
+        if method == "ucch":
+            trained = ucch.fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
+                               checkpoint=checkpoint)
+        else:
+            pixels = data["pixels"][train] if "pixels" in data else None
+            trained = djsrh.fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
+                                pixels=pixels, checkpoint=checkpoint)
         nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
+        teacher.metadata["method"] = method  # what the evaluate task's report names
         log.log_model(os.path.join(teacher.path, "model.pt"), "teacher")
-        log.log_figure(plot_losses(history, f"teacher (DJSRH), {bits} bits"), f"plots/losses_{bits}bits.png")
+        log.log_figure(plot_losses(history, f"teacher ({name}), {bits} bits"), f"plots/losses_{bits}bits.png")
         log.save()
         os.remove(checkpoint)

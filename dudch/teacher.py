@@ -43,6 +43,9 @@ class TeacherConfig:
 
 
 IMAGE_INPUTS = ("features", "pixels")
+# The teacher stage's methods (this module's DJSRH, or dudch.ucch) and how results name them.
+TEACHER_NAMES = {"djsrh": "DJSRH", "ucch": "UCCH"}
+DEFAULT_TEACHER = "djsrh"  # chosen on the validation split: benchmarks/results/tuning-ucch-openclipart.md
 
 
 def semantic_affinity(image, text, beta, eta, mu):

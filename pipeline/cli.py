@@ -623,7 +623,8 @@ def _promote(args):
 
     tracking.connect(Path.cwd())
     result = registry.promote(args.run, args.bits, args.name, args.alias, args.force)
-    print(f"{result['name']} version {result['version']} is @{args.alias} ({result['decision']})\n"
+    print(f"{result['name']} version {result['version']} (a student of {result['teacher']}) is @{args.alias} "
+          f"({result['decision']})\n"
           f"load it with mlflow.pyfunc.load_model('models:/{result['name']}@{args.alias}')")
 
 
@@ -699,7 +700,7 @@ def _report(args):
         print(json.dumps({k: result[k] for k in ("run_id", "dataset", "data_version", "results")}))
     else:
         print(f"pipeline run {result['run_id']} ({result['status']}), data {result['dataset']} "
-              f"{result['data_version']}\n")
+              f"{result['data_version']}, teacher {result['teacher']}\n")
         print(tracking.format_table(result))
 
 

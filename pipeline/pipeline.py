@@ -16,9 +16,10 @@ from pipeline.cluster import on_cluster, with_data
 from dudch.prepare import PrepareConfig
 from dudch.similarity import DEFAULT_RULE, DEFAULT_SOURCE, RELATED_FRACTION
 from dudch.student import StudentConfig
-from dudch.teacher import TeacherConfig
+from dudch.teacher import DEFAULT_TEACHER, TeacherConfig
+from dudch.ucch import UCCHConfig
 
-T, S, P = TeacherConfig, StudentConfig, PrepareConfig
+T, U, S, P = TeacherConfig, UCCHConfig, StudentConfig, PrepareConfig
 
 
 @dsl.pipeline(name="dudch", description="Unsupervised cross-modal hashing by knowledge distillation (DUDCH)")
@@ -37,6 +38,7 @@ def dudch_pipeline(
     text_features: str = P.text_features,
     on_bad_image: str = P.on_bad_image,
     max_bad_image_fraction: float = P.max_bad_image_fraction,
+    teacher: str = DEFAULT_TEACHER,
     teacher_epochs: int = T.epochs,
     teacher_batch_size: int = T.batch_size,
     beta: float = T.beta,
@@ -49,6 +51,14 @@ def dudch_pipeline(
     teacher_image_input: str = T.image_input,
     momentum: float = T.momentum,
     weight_decay: float = T.weight_decay,
+    ucch_epochs: int = U.epochs,
+    ucch_batch_size: int = U.batch_size,
+    ucch_hidden: int = U.hidden,
+    ucch_lr: float = U.lr,
+    ucch_temperature: float = U.temperature,
+    ucch_alpha: float = U.alpha,
+    ucch_negatives: int = U.negatives,
+    ucch_bank_momentum: float = U.bank_momentum,
     similarity_source: str = DEFAULT_SOURCE,
     similarity_rule: str = DEFAULT_RULE,
     similarity_parameter: float = 0.0,
@@ -82,6 +92,7 @@ def dudch_pipeline(
         text_features: bow (bag of words over tags) or minilm (sentence embeddings).
         on_bad_image: skip (leave images that cannot be decoded out, list them in the warnings and MLflow) or fail.
         max_bad_image_fraction: with skip, fail anyway when more than this share of the images cannot be decoded.
+        teacher: the teacher the student distils: djsrh (DJSRH, the teacher_/DJSRH parameters) or ucch (UCCH, the ucch_ parameters).
         teacher_epochs: DJSRH training epochs (DJSRH: 80).
         teacher_batch_size: DJSRH batch size (DJSRH: 32).
         beta: DJSRH weight of the image affinity in the joint affinity (MIRFLICKR 0.9, NUS-WIDE 0.6).
@@ -94,6 +105,14 @@ def dudch_pipeline(
         teacher_image_input: features (hash layer on frozen EfficientNet-Lite0 features) or pixels (fine-tune end to end, GPU).
         momentum: DJSRH SGD momentum (0.9).
         weight_decay: DJSRH weight decay (5e-4).
+        ucch_epochs: UCCH training epochs (UCCH: 20).
+        ucch_batch_size: UCCH batch size (UCCH: 256).
+        ucch_hidden: width of UCCH's hidden layers (UCCH: 8192; two on the image side, one on the text side).
+        ucch_lr: UCCH's Adam learning rate (UCCH: 1e-4).
+        ucch_temperature: UCCH's contrastive temperature T (UCCH: 0.9).
+        ucch_alpha: UCCH's weight of the contrastive loss against the ranking loss (UCCH: 0.7).
+        ucch_negatives: negatives K drawn from UCCH's memory bank per item (UCCH: 4096).
+        ucch_bank_momentum: momentum of UCCH's memory bank update (UCCH: 0.4).
         similarity_source: the teacher's view the similarity is built from: hash (hash-layer outputs), deep, both, or raw (no teacher: ablation).
         similarity_rule: graded (1 for union-kNN neighbours, 1/2 for pairs above the related quantile, 0 else), union_knn, mutual_knn or quantile.
         similarity_parameter: neighbours per item for the kNN rules and graded, or the similar fraction for quantile (0: 1% of the database as neighbours, 0.2 for quantile).
@@ -128,15 +147,19 @@ def dudch_pipeline(
                    .set_display_name("log prepare to MLflow"))
         features = prepared.outputs["features"]
         with dsl.ParallelFor(bits) as k:
-            teacher = train_teacher(features=features, bits=k, epochs=teacher_epochs,
+            teacher_task = train_teacher(features=features, method=teacher, bits=k, epochs=teacher_epochs,
                                     batch_size=teacher_batch_size, beta=beta, eta=eta, mu=mu,
                                     lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
                                     lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
-                                    image_input=teacher_image_input, seed=seed).set_display_name("teacher (DJSRH)")
-            on_cluster(teacher, gpu=True, cache=True)
-            on_cluster(log_stage(record=teacher.outputs["record"], mlflow_parent_run_id=mlflow_parent_run_id)
+                                    image_input=teacher_image_input, ucch_epochs=ucch_epochs,
+                                    ucch_batch_size=ucch_batch_size, ucch_hidden=ucch_hidden, ucch_lr=ucch_lr,
+                                    ucch_temperature=ucch_temperature, ucch_alpha=ucch_alpha,
+                                    ucch_negatives=ucch_negatives, ucch_bank_momentum=ucch_bank_momentum,
+                                    seed=seed).set_display_name("teacher")
+            on_cluster(teacher_task, gpu=True, cache=True)
+            on_cluster(log_stage(record=teacher_task.outputs["record"], mlflow_parent_run_id=mlflow_parent_run_id)
                        .set_display_name("log teacher to MLflow"))
-            similarity = reconstruct_similarity(features=features, teacher=teacher.outputs["teacher"], bits=k,
+            similarity = reconstruct_similarity(features=features, teacher=teacher_task.outputs["teacher"], bits=k,
                                                 source=similarity_source, rule=similarity_rule,
                                                 parameter=similarity_parameter,
                                                 related_fraction=similarity_related_fraction,
@@ -151,6 +174,6 @@ def dudch_pipeline(
                                     weight_decay=student_weight_decay, init=student_init, seed=seed,
                                     mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("student (DCC)")
             on_cluster(student, gpu=True)
-            on_cluster(evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher.outputs["teacher"],
+            on_cluster(evaluate(features=features, labels=prepared.outputs["labels"], teacher=teacher_task.outputs["teacher"],
                                 student=student.outputs["student"], bits=k,
                                 mlflow_parent_run_id=mlflow_parent_run_id).set_display_name("evaluate"))

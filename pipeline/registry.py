@@ -13,7 +13,7 @@ import pandas as pd
 from components.tracking import stage_children
 from dudch import DudchError, first_line
 from pipeline import serving
-from pipeline.tracking import KIND_TAG, report, status_of
+from pipeline.tracking import KIND_TAG, report, status_of, teacher_of
 
 MODEL_NAME = "dudch"
 ALIAS = "production"
@@ -131,6 +131,7 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
             decision = "forced: " + decision.removeprefix("refused: ")
         outcome.update(decision=decision, held=held, tags={
             "dudch.decision": decision, "dudch.pipeline_run": parent.info.run_id, "dudch.bits": str(bits),
+            "dudch.teacher": teacher_of(parent),
             **{f"dudch.{m}": str(v) for m, v in scores.items() if v is not None},
             **{f"dudch.holder_{m}": str(v) for m, v in held.items() if v is not None}})
         return outcome["tags"]
@@ -143,7 +144,8 @@ def promote(run_id, bits=None, name=MODEL_NAME, alias=ALIAS, force=False):
         version = register(build(client, parent, bits, tmp), name, judge, alias, experiment_id=parent.info.experiment_id,
                            run_name=f"promote-{bits}bits", parent_run_id=parent.info.run_id,
                            run_tags={KIND_TAG: "promotion", "dudch.bits": str(bits), **commit})
-    return dict(name=name, version=version.version, decision=outcome["decision"], scores=scores, held=outcome["held"])
+    return dict(name=name, version=version.version, decision=outcome["decision"], scores=scores, held=outcome["held"],
+                teacher=teacher_of(parent))
 
 
 def register(retriever_dir, name, tags, alias, experiment_id, run_name, parent_run_id, run_tags):
@@ -268,7 +270,7 @@ def compare(experiment_id, last=5):
     if not parents:
         raise DudchError("no pipeline run in the MLflow store yet; run `dudch run` first")
     runs = [dict(run_id=p.info.run_id, start=p.info.start_time, status=status_of(p),
-                 dataset=p.data.tags.get("dudch.dataset"), params=p.data.params,
+                 dataset=p.data.tags.get("dudch.dataset"), params=p.data.params, teacher=teacher_of(p),
                  results=report(experiment_id, p.info.run_id)["results"]) for p in parents]
     names = sorted({k for r in runs for k in r["params"]})
     differing = {k: [r["params"].get(k) for r in runs] for k in names
@@ -285,11 +287,12 @@ def format_comparison(comparison, method="student"):
     keys = sorted({(r["bits"], r["direction"]) for run in runs for r in run["results"] if r["method"] == method})
     lines = []
     for metric, title in (("map_50", "mAP@50"), ("map_all", "mAP@all")):
-        lines += [f"{method} {title}", f"{'run':<10} {'started':<17} {'status':<11}" + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)]
+        lines += [f"{method} {title}", f"{'run':<10} {'started':<17} {'status':<11} {'teacher':<7}"
+                  + "".join(f" {f'{b}b {d}':>9}" for b, d in keys)]
         for run in runs:
             value = {(r["bits"], r["direction"]): r[metric] for r in run["results"] if r["method"] == method}
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["start"] / 1000))
-            lines.append(f"{run['run_id'][:8]:<10} {started:<17} {run['status']:<11}"
+            lines.append(f"{run['run_id'][:8]:<10} {started:<17} {run['status']:<11} {run['teacher']:<7}"
                          + "".join(f" {value[k]:>9.4f}" if k in value else f" {'-':>9}" for k in keys))
         lines.append("")
     if comparison["differing"]:

@@ -277,7 +277,16 @@ def report(experiment_id, run_id=None):
     results.sort(key=lambda r: (RESULT_METHODS.index(r["method"]), r["bits"], r["direction"]))
     return dict(run_id=run_id, dataset=parent.data.tags.get("dudch.dataset"),
                 data_version=parent.data.tags.get("dudch.data_version"), status=status_of(parent),
-                results=results)
+                teacher=teacher_of(parent), results=results)
+
+
+def teacher_of(parent):
+    """The name of the teacher a pipeline run distilled ("DJSRH", "UCCH"): runs from before the
+    choice existed had DJSRH."""
+    from dudch.teacher import TEACHER_NAMES
+
+    method = parent.data.params.get("teacher", "djsrh")
+    return TEACHER_NAMES.get(method, method)
 
 
 def format_table(report_object):
@@ -285,8 +294,9 @@ def format_table(report_object):
     if not report_object["results"]:
         return ("No mAP: the dataset has no labels (or evaluation has not run). The codes were "
                 "trained and logged; give the items labels to evaluate retrieval.")
-    lines = [f"{'method':<10} {'bits':>4}  {'direction':<9} {'mAP@50':>8} {'mAP@all':>8} {'distinct':>8}"]
+    lines = [f"{'method':<15} {'bits':>4}  {'direction':<9} {'mAP@50':>8} {'mAP@all':>8} {'distinct':>8}"]
     for r in report_object["results"]:
         distinct = f"{r['distinct_codes']:>8.2f}" if r.get("distinct_codes") is not None else f"{'-':>8}"
-        lines.append(f"{r['method']:<10} {r['bits']:>4}  {r['direction']:<9} {r['map_50']:>8.4f} {r['map_all']:>8.4f} {distinct}")
+        method = f"teacher ({report_object['teacher']})" if r["method"] == "teacher" else r["method"]
+        lines.append(f"{method:<15} {r['bits']:>4}  {r['direction']:<9} {r['map_50']:>8.4f} {r['map_all']:>8.4f} {distinct}")
     return "\n".join(lines)

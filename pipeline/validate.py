@@ -8,19 +8,21 @@ from dudch import DudchError, has_credentials, shown
 from dudch.prepare import BAD_IMAGE_POLICIES
 from dudch.similarity import RULES, SOURCES
 from dudch.student import INITS, OPTIMIZERS
+from dudch.teacher import TEACHER_NAMES
 
 BITS_RANGE = (8, 1024)
 MIN_ITEMS = 10  # the fewest that the split (dudch.prepare.make_split) accepts
 
-CHOICES = {"similarity_rule": RULES, "similarity_source": SOURCES, "student_optimizer": OPTIMIZERS,
+CHOICES = {"teacher": tuple(TEACHER_NAMES), "similarity_rule": RULES, "similarity_source": SOURCES, "student_optimizer": OPTIMIZERS,
            "student_init": INITS, "text_features": ("bow", "minilm"),
            "teacher_image_input": ("features", "pixels"), "on_bad_image": BAD_IMAGE_POLICIES}
 POSITIVE = ("teacher_epochs", "teacher_batch_size", "student_outer_iterations", "student_inner_epochs",
             "omega_size", "student_batch_size", "lr_image", "lr_text", "student_lr", "min_word_count",
-            "min_label_size", "mu")
+            "min_label_size", "mu", "ucch_epochs", "ucch_batch_size", "ucch_hidden", "ucch_lr",
+            "ucch_temperature", "ucch_negatives")
 NON_NEGATIVE = ("seed", "max_items", "student_lr_step", "similarity_parameter", "gamma", "eta",
                 "lambda1", "lambda2", "momentum", "weight_decay", "student_weight_decay")
-UNIT_INTERVAL = ("beta", "max_bad_image_fraction")  # [0, 1]
+UNIT_INTERVAL = ("beta", "max_bad_image_fraction", "ucch_alpha", "ucch_bank_momentum")  # [0, 1]
 OPEN_FRACTIONS = ("similarity_related_fraction",)  # (0, 1)
 
 
@@ -62,6 +64,9 @@ def check_parameters(params):
     for name in OPEN_FRACTIONS:
         if not 0 < params[name] < 1:
             raise DudchError(f"{name} must be between 0 and 1 (exclusive), got {params[name]}")
+    if params["teacher"] == "ucch" and params["teacher_image_input"] != "features":
+        raise DudchError("teacher=ucch trains on image features only; use teacher_image_input=features "
+                         "(or teacher=djsrh to fine-tune on pixels)")
 
 
 def check_dataset(source, params):
