@@ -1,13 +1,18 @@
-"""Quality benchmark on OpenClipart: teacher (DJSRH), student (DUDCH), CCA-ITQ and two
-ablations, at 16/32/64/128 bits, on the query set; mean and std over seeds. mAP@50 (DJSRH's
+"""Quality benchmark on OpenClipart: both teachers (DJSRH and UCCH, the strongest unsupervised
+peer, each on its own), the student (DUDCH) distilled from the default teacher and from the
+other, the student without a teacher (raw-feature similarity), CCA-ITQ and the relaxed
+ablation, at 16/32/64/128 bits, on the query set; mean and std over seeds. mAP@50 (DJSRH's
 calculate_top_map, the paper's metric) and mAP@all side by side, with the fraction of
 distinct database codes.
 
     .venv/bin/python benchmarks/quality.py           # -> benchmarks/results/quality-openclipart.{json,md}
     .venv/bin/python benchmarks/quality.py --tune    # -> benchmarks/results/tuning-openclipart.{json,md}
+    .venv/bin/python benchmarks/quality.py --tune-ucch --bits 64  # -> benchmarks/results/tuning-ucch-openclipart.*
 
 `--tune` scores every design in DESIGNS on the validation split (validation items querying the
 database without them), never on the queries; the student's defaults were chosen from it.
+`--tune-ucch` does the same for UCCH_DESIGNS (UCCH's own settings, then the student distilled
+from it from each similarity source); UCCH's defaults were chosen from it.
 Teachers are cached in .dudch/bench/teachers by the prepared features' digest and the teacher's
 config, so tuning, reruns and the main run train each teacher once. Same functions as the
 pipeline's stages (dudch.*), without KFP or MLflow around them.
@@ -16,11 +21,13 @@ pipeline's stages (dudch.*), without KFP or MLflow around them.
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -34,10 +41,27 @@ from dudch import evaluate, nets, prepare, similarity  # noqa: E402
 from dudch.baselines import CCAITQ  # noqa: E402
 from dudch.student import StudentConfig  # noqa: E402
 from dudch.student import fit as fit_student  # noqa: E402
-from dudch.teacher import TeacherConfig  # noqa: E402
+from dudch.teacher import DEFAULT_TEACHER, TeacherConfig  # noqa: E402
 from dudch.teacher import fit as fit_teacher  # noqa: E402
+from dudch.ucch import UCCHConfig  # noqa: E402
+from dudch.ucch import fit as fit_ucch  # noqa: E402
 
-METHODS = ("teacher", "student", "student_inductive", "cca_itq", "student_relaxed", "student_raw_sim")
+# teacher: DJSRH; ucch: UCCH; student: distilled from DEFAULT_TEACHER, student_from_X from the other
+# (through the similarity source the validation split prefers for it: tuning-ucch-openclipart.md)
+METHODS = ("teacher", "ucch", "student", "student_inductive", "student_raw_sim", "student_from_ucch",
+           "student_from_djsrh", "cca_itq", "student_relaxed")
+PREFERRED_SOURCE = {"djsrh": similarity.DEFAULT_SOURCE, "ucch": "deep"}
+# (name, UCCH settings): what --tune-ucch compares, the paper's feature-mode settings first, then
+# narrower networks (the training set is 2,861 pairs, not MIRFLICKR's 5,000+), then the other
+# knobs around the narrowest.
+UCCH_DESIGNS = [
+    ("paper: 8192 wide, 20 epochs, lr 1e-4, T 0.9", dict(hidden=8192, temperature=0.9)),
+    ("4096 wide", dict(hidden=4096, temperature=0.9)),
+    ("2048 wide", dict(hidden=2048, temperature=0.9)),
+    ("2048 wide, 50 epochs", dict(hidden=2048, temperature=0.9, epochs=50)),
+    ("2048 wide, lr 3e-4", dict(hidden=2048, temperature=0.9, lr=3e-4)),
+    ("2048 wide, T 0.3 (default)", dict(hidden=2048, temperature=0.3)),
+]
 GATED = ("map_50", "map_all")  # the student must be at or above the teacher on both
 # (name, similarity graph settings, student settings): what --tune compares, each against the
 # defaults. Graph settings: source, rule, parameter (kNN rules and graded: neighbours as a fraction
@@ -73,35 +97,57 @@ def train_student(features, graph, config):
 
 
 def cached_teacher(features, info, config):
-    """The teacher for these features and config, trained once and kept in .dudch/bench."""
-    key = hashlib.sha256(json.dumps([info["digest"], asdict(config), torch.__version__]).encode()).hexdigest()[:20]
+    """The teacher (DJSRH for a TeacherConfig, UCCH for a UCCHConfig) for these features and
+    config, trained once and kept in .dudch/bench."""
+    fit = fit_ucch if isinstance(config, UCCHConfig) else fit_teacher
+    key = hashlib.sha256(json.dumps([info["digest"], type(config).__name__, asdict(config),
+                                     torch.__version__]).encode()).hexdigest()[:20]
     path = ROOT / ".dudch" / "bench" / "teachers" / f"{key}.pt"
     if path.exists():
         return nets.load(path)[0]
     train = features["train"]
-    teacher = fit_teacher(features["image"][train], features["text"][train], config)
+    teacher = fit(features["image"][train], features["text"][train], config)
     path.parent.mkdir(parents=True, exist_ok=True)
     nets.save(path, teacher, config)
     return teacher
 
 
+def prepared(seed, max_items):
+    """(features, labels, info) of OpenClipart split with `seed` (image features from the cache)."""
+    return prepare.prepare(f"openclipart:{ROOT / 'data' / 'openclipart'}", ROOT / ".dudch" / "cache",
+                           prepare.PrepareConfig(seed=seed, max_items=max_items), progress=False)
+
+
+def quality_cell(seed, bits, ablations, max_items, threads):
+    """One (seed, bits) cell of the quality table, in a worker process: (score rows, dataset info)."""
+    torch.set_num_threads(threads)
+    features, labels, info = prepared(seed, max_items)
+    return run_seed(features, labels, info, bits, seed, ablations), info
+
+
 def run_seed(features, labels, info, bits, seed, ablations):
     """Every method at one bit length and seed on the query set: score rows."""
-    teacher = cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed))
+    teachers = {"djsrh": cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed)),
+                "ucch": cached_teacher(features, info, UCCHConfig(bits=bits, seed=seed))}
+    (other,) = set(teachers) - {DEFAULT_TEACHER}
     config = StudentConfig(bits=bits, seed=seed)
-    distilled = graph_for(features, teacher)
+    distilled = graph_for(features, teachers[DEFAULT_TEACHER])
     student, codes = train_student(features, distilled, config)
-    codes_by_method = {"teacher": evaluate.teacher_codes(teacher, features),
-                       **evaluate.student_codes(student, codes, features)}
+    raw_config = replace(config, init="zeros")  # no teacher, so no teacher codes to start from
+    raw, raw_codes = train_student(features, graph_for(features, None, source="raw"), raw_config)
+    codes_by_method = {"teacher": evaluate.teacher_codes(teachers["djsrh"], features),
+                       "ucch": evaluate.teacher_codes(teachers["ucch"], features),
+                       **evaluate.student_codes(student, codes, features),
+                       "student_raw_sim": evaluate.student_codes(raw, raw_codes, features)["student"]}
     if ablations:
         train = features["train"]
         cca = CCAITQ(bits, seed=seed).fit(features["image"][train], features["text"][train])
         relaxed, relaxed_codes = train_student(features, distilled, replace(config, discrete=False))
-        raw_config = replace(config, init="zeros")  # no teacher, so no teacher codes to start from
-        raw, raw_codes = train_student(features, graph_for(features, None, source="raw"), raw_config)
-        codes_by_method.update(cca_itq=evaluate.cca_itq_codes(cca, features),
-                               student_relaxed=evaluate.student_codes(relaxed, relaxed_codes, features)["student"],
-                               student_raw_sim=evaluate.student_codes(raw, raw_codes, features)["student"])
+        from_other_graph = graph_for(features, teachers[other], source=PREFERRED_SOURCE[other])
+        from_other, from_other_codes = train_student(features, from_other_graph, config)
+        codes_by_method.update({f"student_from_{other}": evaluate.student_codes(from_other, from_other_codes, features)["student"]},
+                               cca_itq=evaluate.cca_itq_codes(cca, features),
+                               student_relaxed=evaluate.student_codes(relaxed, relaxed_codes, features)["student"])
     rows, _ = evaluate.score(codes_by_method, features, labels, bits, curves=False)
     return [dict(r, seed=seed) for r in rows]
 
@@ -123,6 +169,30 @@ def tune(features, labels, info, bits, seed):
     return rows
 
 
+def tune_ucch(features, labels, info, bits, seed):
+    """UCCH_DESIGNS on the validation split, then the student distilled from the default UCCH
+    (UCCHConfig) through each similarity source: score rows with the design's name."""
+    rows = []
+    for name, settings in UCCH_DESIGNS:
+        started = time.time()
+        model = cached_teacher(features, info, replace(UCCHConfig(bits=bits, seed=seed), **settings))
+        scored, _ = evaluate.score({"ucch": evaluate.teacher_codes(model, features, "validation")},
+                                   features, labels, bits, "validation", curves=False)
+        rows += [dict(r, design=f"UCCH, {name}", density=None, seconds=time.time() - started) for r in scored]
+        print(f"{bits} bits, UCCH {name}: " + " ".join(f"{r['direction']} {r['map_50']:.3f}/{r['map_all']:.3f}" for r in scored), flush=True)
+    ucch = cached_teacher(features, info, UCCHConfig(bits=bits, seed=seed))
+    for source in ("hash", "deep", "both"):
+        graph = graph_for(features, ucch, source=source)
+        started = time.time()
+        student, codes = train_student(features, graph, StudentConfig(bits=bits, seed=seed))
+        scored, _ = evaluate.score({"student": evaluate.student_codes(student, codes, features, "validation")["student"]},
+                                   features, labels, bits, "validation", curves=False)
+        rows += [dict(r, design=f"student from UCCH, source {source}", density=graph.density(),
+                      seconds=time.time() - started) for r in scored]
+        print(f"{bits} bits, student from UCCH ({source}): " + " ".join(f"{r['direction']} {r['map_50']:.3f}/{r['map_all']:.3f}" for r in scored), flush=True)
+    return rows
+
+
 def aggregate(rows, by=("method", "bits", "direction")):
     """Mean (and std) over seeds of each metric, per `by` group, in first-seen order."""
     groups = {}
@@ -134,21 +204,28 @@ def aggregate(rows, by=("method", "bits", "direction")):
             for key, group in groups.items()]
 
 
+# (method, reference): the differences the benchmark exists to show, in points.
+GAPS = [("student", "teacher"), ("student", "ucch"), ("student_inductive", "ucch"),
+        ("student", "student_raw_sim"), ("student_from_ucch", "ucch"), ("student_from_djsrh", "teacher")]
+
+
 def comparison(table, bits_list):
-    """Student minus teacher (and minus CCA-ITQ) in points, per metric and direction."""
+    """{"method-reference": {"metric.direction": gains}} for each pair in GAPS present in the
+    table: method minus reference in points per bit length, their mean, and whether the method
+    is at or above at every length."""
     value = {(r["method"], r["bits"], r["direction"]): r for r in table}
     out = {}
-    for metric in GATED:
-        for direction in evaluate.DIRECTIONS:
-            gains = [100 * (value[("student", b, direction)][metric] - value[("teacher", b, direction)][metric])
-                     for b in bits_list]
-            entry = dict(mean_gain_over_teacher_points=float(np.mean(gains)),
-                         gain_per_bits=dict(zip(map(str, bits_list), gains)),
-                         at_or_above_teacher_at_every_bits=all(g >= 0 for g in gains))
-            if all(("cca_itq", b, direction) in value for b in bits_list):
-                entry["above_cca_itq_at_every_bits"] = all(
-                    value[("student", b, direction)][metric] > value[("cca_itq", b, direction)][metric] for b in bits_list)
-            out[f"{metric}.{direction}"] = entry
+    for method, reference in GAPS:
+        if not all((m, b, "i2t") in value for m in (method, reference) for b in bits_list):
+            continue
+        gaps = out.setdefault(f"{method}-{reference}", {})
+        for metric in GATED:
+            for direction in evaluate.DIRECTIONS:
+                gains = [100 * (value[(method, b, direction)][metric] - value[(reference, b, direction)][metric])
+                         for b in bits_list]
+                gaps[f"{metric}.{direction}"] = dict(mean_points=float(np.mean(gains)),
+                                                     per_bits=dict(zip(map(str, bits_list), gains)),
+                                                     at_or_above_at_every_bits=all(g >= 0 for g in gains))
     return out
 
 
@@ -175,20 +252,23 @@ def markdown(result):
         for bits in result["bits"]:
             if (method, bits, "i2t") in by:
                 lines.append(f"| {method} | {bits} | {cells(by[(method, bits, 'i2t')])} | {cells(by[(method, bits, 't2i')])} |")
-    lines += ["", "Student minus teacher, points, per bit length and averaged:", "",
-              "| metric | direction | " + " | ".join(f"{b} bits" for b in result["bits"]) + " | mean | at or above at every length |",
-              "|---|---|" + "---|" * (len(result["bits"]) + 2)]
-    for key, m in result["comparison"].items():
-        metric, direction = key.split(".")
-        lines.append(f"| {metric} | {direction} | " + " | ".join(f"{g:+.2f}" for g in m["gain_per_bits"].values())
-                     + f" | {m['mean_gain_over_teacher_points']:+.2f} | {m['at_or_above_teacher_at_every_bits']} |")
+    lines += ["", "Differences in points (method minus reference), per bit length and averaged over lengths "
+              "(student_from_*: the ablation seeds):", "",
+              "| method - reference | metric | direction | " + " | ".join(f"{b} bits" for b in result["bits"])
+              + " | mean | at or above at every length |", "|---|---|---|" + "---|" * (len(result["bits"]) + 2)]
+    for pair, gaps in result["comparison"].items():
+        for key, m in gaps.items():
+            metric, direction = key.split(".")
+            lines.append(f"| {pair.replace('-', ' - ')} | {metric} | {direction} | "
+                         + " | ".join(f"{g:+.2f}" for g in m["per_bits"].values())
+                         + f" | {m['mean_points']:+.2f} | {m['at_or_above_at_every_bits']} |")
     lines += ["", "Settings (the defaults of `dudch params`):", "", "```json",
               json.dumps(result["hyperparameters"], indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def tuning_markdown(result):
-    lines = ["# Student designs on OpenClipart's validation split", "", *header(result, "Validation split"),
+def tuning_markdown(result, title="Student designs"):
+    lines = [f"# {title} on OpenClipart's validation split", "", *header(result, "Validation split"),
              f"Seed {result['seeds'][0]}; the validation items query the database without them. Each cell: "
              "mAP@50 | mAP@all | distinct database codes / database size. Density: fraction of pairs at the "
              "graph's top level.", ""]
@@ -218,9 +298,15 @@ def main():
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0],
-                        help="seeds that also train CCA-ITQ and the two ablations (each costs two student fits)")
+                        help="seeds that also train CCA-ITQ, the relaxed student and the student from the "
+                        "other teacher (two more student fits each)")
     parser.add_argument("--tune", action="store_true", help="score DESIGNS on the validation split (first seed)")
+    parser.add_argument("--tune-ucch", action="store_true", help="score UCCH_DESIGNS and the student from "
+                        "each of UCCH's similarity sources on the validation split (first seed)")
     parser.add_argument("--max-items", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes for the (seed, bits) cells, "
+                        "each with cores / jobs torch threads (results can differ in the last digits with "
+                        "the thread count: summation order)")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: benchmarks/results/"
                         "quality-openclipart, or tuning-openclipart with --tune)")
     args = parser.parse_args()
@@ -228,26 +314,33 @@ def main():
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     started = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    tuning = args.tune or args.tune_ucch
     rows, info = [], None
-    for seed in (args.seeds[:1] if args.tune else args.seeds):
-        features, labels, info = prepare.prepare(f"openclipart:{ROOT / 'data' / 'openclipart'}", ROOT / ".dudch" / "cache",
-                                                 prepare.PrepareConfig(seed=seed, max_items=args.max_items), progress=False)
+    if tuning:
+        features, labels, info = prepared(args.seeds[0], args.max_items)
         for bits in args.bits:
-            if args.tune:
-                rows += tune(features, labels, info, bits, seed)
-                continue
-            seed_rows = run_seed(features, labels, info, bits, seed, seed in args.ablation_seeds)
-            rows += seed_rows
-            print(f"seed {seed}, {bits} bits (mAP@50/mAP@all): " + ", ".join(
-                f"{r['method']} {r['direction']} {r['map_50']:.3f}/{r['map_all']:.3f}" for r in seed_rows), flush=True)
+            rows += (tune if args.tune else tune_ucch)(features, labels, info, bits, args.seeds[0])
+    else:
+        # (seed, bits) cells in worker processes; the ablation seeds' heavier cells go first
+        cells = sorted(((seed, bits, seed in args.ablation_seeds) for seed in args.seeds for bits in args.bits),
+                       key=lambda c: not c[2])
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(quality_cell, *cell, args.max_items, threads) for cell in cells]
+            for (seed, bits, _), future in zip(cells, futures):
+                cell_rows, info = future.result()
+                rows += cell_rows
+                print(f"seed {seed}, {bits} bits (mAP@50/mAP@all): " + ", ".join(
+                    f"{r['method']} {r['direction']} {r['map_50']:.3f}/{r['map_all']:.3f}" for r in cell_rows), flush=True)
+        rows.sort(key=lambda r: (r["seed"], args.bits.index(r["bits"])))
     result = dict(
         dataset=dict(name="openclipart", items=info["items"], num_labels=info["num_labels"], split=info["split"]),
         machine=machine(),
         command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", *sys.argv[1:]]),
         commit=commit,
-        wall_time_s=time.time() - started, seeds=args.seeds[:1] if args.tune else args.seeds,
+        wall_time_s=time.time() - started, seeds=args.seeds[:1] if tuning else args.seeds, jobs=args.jobs,
         ablation_seeds=args.ablation_seeds, bits=args.bits,
-        hyperparameters=dict(teacher=asdict(TeacherConfig()), student=asdict(StudentConfig()),
+        hyperparameters=dict(teacher=asdict(TeacherConfig()), ucch=asdict(UCCHConfig()), student=asdict(StudentConfig()),
                              similarity=dict(source=similarity.DEFAULT_SOURCE, rule=similarity.DEFAULT_RULE,
                                              neighbour_fraction=similarity.NEIGHBOUR_FRACTION,
                                              related_fraction=similarity.RELATED_FRACTION),
@@ -255,6 +348,10 @@ def main():
     if args.tune:
         result.update(designs=[dict(name=n, graph=g, student=s) for n, g, s in DESIGNS], rows=rows)
         out, text = args.out or ROOT / "benchmarks" / "results" / "tuning-openclipart", tuning_markdown(result)
+    elif args.tune_ucch:
+        result.update(designs=[dict(name=n, ucch=s) for n, s in UCCH_DESIGNS], rows=rows)
+        out = args.out or ROOT / "benchmarks" / "results" / "tuning-ucch-openclipart"
+        text = tuning_markdown(result, "UCCH and the student distilled from it")
     else:
         table = aggregate(rows)
         result.update(table=table, comparison=comparison(table, args.bits), rows=rows)
