@@ -178,6 +178,9 @@ def transfer(root, direction, targets=()):
             raise DudchError("no DVC remote configured; run `dudch data remote s3://bucket/prefix "
                              "--endpoint-url URL` (or a local folder)")
         url = repo.config["remote"][remote]["url"]
+        endpoint = repo.config["remote"][remote].get("endpointurl")
+        if endpoint:
+            _check_reachable(endpoint, direction)
         with _dvc_errors() as errors:
             try:
                 if direction == "push":
@@ -188,6 +191,22 @@ def transfer(root, direction, targets=()):
                 raise DudchError(f"dvc {direction} with remote {remote!r} ({url}) failed ({reason}); "
                                  f"check that the server is reachable, the bucket exists and "
                                  f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are set") from None
+
+
+def _check_reachable(endpoint, direction):
+    """Refuse in one line, within seconds, an S3 endpoint that takes no connection: DVC's S3 layer
+    retries for most of a minute before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(endpoint)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=5).close()
+    except OSError as error:
+        raise DudchError(f"dvc {direction}: cannot reach the remote's endpoint {shown(endpoint)} "
+                         f"({first_line(error) or type(error).__name__}); start the server, or point "
+                         f"`dudch data remote URL --endpoint-url URL` at one that is reachable") from None
 
 
 @contextlib.contextmanager
