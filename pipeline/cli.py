@@ -697,7 +697,7 @@ def _report(args):
     experiment_id = tracking.connect(Path.cwd())
     result = tracking.report(experiment_id, args.run_id)
     if args.json:
-        print(json.dumps({k: result[k] for k in ("run_id", "dataset", "data_version", "results")}))
+        print(json.dumps({k: result[k] for k in ("run_id", "dataset", "data_version", "teacher", "results")}))
     else:
         print(f"pipeline run {result['run_id']} ({result['status']}), data {result['dataset']} "
               f"{result['data_version']}, teacher {result['teacher']}\n")

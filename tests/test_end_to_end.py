@@ -111,6 +111,8 @@ def test_run_prints_the_table_and_report_reads_it_back(pipeline_run, parent):
     assert report["dataset"] == f"openclipart:{ROOT / 'data' / 'openclipart'}" and report["data_version"].endswith(".dir")
     assert sorted((r["method"], r["bits"], r["direction"]) for r in report["results"]) == sorted(
         (m, b, d) for m in ("teacher", "student") for b in BITS for d in ("i2t", "t2i"))
+    assert report["teacher"] == "DJSRH"
     for row in report["results"]:
-        assert (f"{row['method']:<10} {row['bits']:>4}  {row['direction']:<9} {row['map_50']:>8.4f} "
+        method = "teacher (DJSRH)" if row["method"] == "teacher" else row["method"]
+        assert (f"{method:<15} {row['bits']:>4}  {row['direction']:<9} {row['map_50']:>8.4f} "
                 f"{row['map_all']:>8.4f} {row['distinct_codes']:>8.2f}") in pipeline_run["stdout"]

@@ -436,8 +436,8 @@ def test_compare_tabulates_runs_and_their_differences(pipeline_run):
     table = dudch("compare", "--last", "2", env=pipeline_run["env"])
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0] == "student mAP@50" and lines[1].split()[3:] == ["16b", "i2t", "16b", "t2i", "32b", "i2t", "32b", "t2i"]
-    assert lines[3].startswith(pipeline_run["run_id"][:8]) and lines[3].split()[3] == "FINISHED"
+    assert lines[0] == "student mAP@50" and lines[1].split()[3:] == ["teacher", "16b", "i2t", "16b", "t2i", "32b", "i2t", "32b", "t2i"]
+    assert lines[3].startswith(pipeline_run["run_id"][:8]) and lines[3].split()[3:5] == ["FINISHED", "DJSRH"]
     assert lines[2].split()[-2:] == ["-", "-"]  # the newer run trained 16 bits only
     assert lines[5] == "student mAP@all" and lines[8].startswith(pipeline_run["run_id"][:8])
     assert "  max_items: 300 | 600" in lines and "  teacher_epochs: 2 | 3" in lines
@@ -445,8 +445,8 @@ def test_compare_tabulates_runs_and_their_differences(pipeline_run):
     assert comparison["differing"]["bits"] == ["[16]", "[16, 32]"]
     old = {(r["bits"], r["direction"], m): r[m] for r in comparison["runs"][1]["results"] if r["method"] == "student"
            for m in ("map_50", "map_all")}
-    assert float(lines[3].split()[4]) == pytest.approx(old[(16, "i2t", "map_50")], abs=1e-4)
-    assert float(lines[8].split()[4]) == pytest.approx(old[(16, "i2t", "map_all")], abs=1e-4)
+    assert float(lines[3].split()[5]) == pytest.approx(old[(16, "i2t", "map_50")], abs=1e-4)
+    assert float(lines[8].split()[5]) == pytest.approx(old[(16, "i2t", "map_all")], abs=1e-4)
 
 
 def test_dudch_serve_guards_what_reaches_the_scoring_server_before_the_model(pipeline_run, production, monkeypatch):

@@ -4,7 +4,7 @@ ucch_ parameters), the similarity stage and the student distil it, and the MLflo
 
 import pytest
 
-from dudch import nets
+from dudch import nets, ucch
 from tests.helpers import dudch, run_pipeline
 
 UCCH_EPOCHS = 2
@@ -37,7 +37,7 @@ def test_the_teacher_stage_trains_ucch_and_the_student_distils_it(ucch_run):
     (model,) = ucch_run["kfp_dir"].glob("for-loop-*/train-teacher/teacher/model.pt")
     trained, config = nets.load(model)
     assert trained.dims["image_hidden"] == [64, 64] and trained.dims["text_hidden"] == [64]
-    assert config["temperature"] == 0.9  # a UCCH config: DJSRH has none
+    assert config["temperature"] == ucch.UCCHConfig().temperature  # a UCCH config: DJSRH has none
     assert children["student"].info.status == "FINISHED"
     assert any(k.startswith("teacher.") for k in children["evaluate"].data.metrics)
     (report,) = ucch_run["kfp_dir"].glob("for-loop-*/evaluate/report")
