@@ -7,6 +7,7 @@ bad images and the feature cache (tests/test_sources.py, tests/test_data.py), a 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,22 +124,29 @@ def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
         subprocess.run(["umount", str(artifacts)], check=True)
 
 
-@pytest.mark.parametrize("credentials, reason", [(True, "EndpointConnectionError"), (False, "NoCredentialsError")],
-                         ids=["unreachable", "no credentials"])
-def test_data_push_failures_are_one_line(tmp_path, credentials, reason):
+@pytest.mark.parametrize("reachable, credentials, expected, fix", [
+    (False, True, "dvc push: cannot reach the remote's endpoint 'http://127.0.0.1:", "--endpoint-url URL"),
+    (True, False, "dvc push with remote 'storage' (s3://bucket/x) failed (NoCredentialsError",
+     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")], ids=["unreachable", "no credentials"])
+def test_data_push_failures_are_one_line(tmp_path, reachable, credentials, expected, fix):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "pairs.jsonl").write_text('{"image": "a.png", "text": "x"}\n')
     subprocess.run([dvc, "add", "-q", "data"], cwd=tmp_path, check=True)
-    assert dudch("data", "remote", "s3://bucket/x", "--endpoint-url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path).returncode == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": SECRET} if credentials else {"HOME": str(tmp_path)})
-    done = subprocess.run([str(Path(sys.executable).with_name("dudch")), "data", "push"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    refused(done, f"dvc push with remote 'storage' (s3://bucket/x) failed ({reason}")
-    assert done.stderr.count("\n") == 1 and "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in done.stderr
+    with socket.socket() as endpoint:  # bound, so the port stays ours; listening only when reachable
+        endpoint.bind(("127.0.0.1", 0))
+        if reachable:
+            endpoint.listen()
+        url = f"http://127.0.0.1:{endpoint.getsockname()[1]}"
+        assert dudch("data", "remote", "s3://bucket/x", "--endpoint-url", url, cwd=tmp_path).returncode == 0
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": SECRET} if credentials else {"HOME": str(tmp_path)})
+        done = subprocess.run([str(Path(sys.executable).with_name("dudch")), "data", "push"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    refused(done, expected)
+    assert done.stderr.count("\n") == 1 and fix in done.stderr
 
 
 def test_two_first_runs_on_a_fresh_store_both_connect(tmp_path):
