@@ -19,23 +19,29 @@ def train_teacher(features: Input[Dataset], method: str, bits: int, epochs: int,
     with task_console("teacher", bits) as console:
         import os
         from dataclasses import asdict
+        from functools import partial
 
         from components.tracking import StageRecord
-        from dudch import nets, prepare, teacher as djsrh, ucch
+        from dudch import DudchError, nets, prepare, teacher as djsrh, ucch
         from dudch.evaluate import plot_losses
 
+        data = prepare.load_features(features.path, expect=("image", "text", "train"))
+        train = data["train"]
         if method == "ucch":
             config = ucch.UCCHConfig(bits=bits, epochs=ucch_epochs, batch_size=ucch_batch_size, hidden=ucch_hidden,
                                      lr=ucch_lr, temperature=ucch_temperature, alpha=ucch_alpha,
                                      negatives=ucch_negatives, bank_momentum=ucch_bank_momentum, seed=seed)
-        else:
+            fit = ucch.fit
+        elif method == "djsrh":
             config = djsrh.TeacherConfig(bits=bits, epochs=epochs, batch_size=batch_size, beta=beta, eta=eta,
                                          mu=mu, lambda1=lambda1, lambda2=lambda2, lr_image=lr_image,
                                          lr_text=lr_text, momentum=momentum, weight_decay=weight_decay,
                                          image_input=image_input, seed=seed)
+            pixels = data["pixels"][train] if "pixels" in data else None
+            fit = partial(djsrh.fit, pixels=pixels)
+        else:
+            raise DudchError(f"unknown teacher {method!r}; use one of {', '.join(djsrh.TEACHER_NAMES)}")
         name = djsrh.TEACHER_NAMES[method]
-        data = prepare.load_features(features.path, expect=("image", "text", "train"))
-        train = data["train"]
         log = StageRecord(record.path, "teacher", bits)
         log.log_params({"teacher": method, **asdict(config)})
         log.set_tags({"dudch.teacher": method})
@@ -49,13 +55,7 @@ def train_teacher(features: Input[Dataset], method: str, bits: int, epochs: int,
         # In the task's own output: a retried (preempted) task finds it and resumes.
         os.makedirs(teacher.path, exist_ok=True)
         checkpoint = os.path.join(teacher.path, "checkpoint.pt")
-        if method == "ucch":
-            trained = ucch.fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
-                               checkpoint=checkpoint)
-        else:
-            pixels = data["pixels"][train] if "pixels" in data else None
-            trained = djsrh.fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch,
-                                pixels=pixels, checkpoint=checkpoint)
+        trained = fit(data["image"][train], data["text"][train], config, on_epoch=log_epoch, checkpoint=checkpoint)
         nets.save(os.path.join(teacher.path, "model.pt"), trained, config)
         teacher.metadata["method"] = method  # what the evaluate task's report names
         log.log_model(os.path.join(teacher.path, "model.pt"), "teacher")
