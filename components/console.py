@@ -24,8 +24,12 @@ def task_name(stage, bits=None):
 def one_line_error(error):
     """What the console shows of a task's failure: a DudchError's message (it names the fix),
     else the exception's type and first line."""
-    from dudch import DudchError, first_line
+    from dudch import DudchError, first_line, out_of_space
 
+    full = out_of_space(error)
+    if full and not isinstance(error, DudchError):
+        return (f"out of disk space ({full}) under the MLflow store or the run's outputs; free space "
+                f"there (or point MLFLOW_TRACKING_URI at another disk) and rerun")
     text, kind = first_line(error), type(error).__name__
     return text if isinstance(error, DudchError) or text == kind else f"{kind}: {text}"
 
@@ -87,7 +91,7 @@ def task_console(stage, bits=None, quiet=False):
     os.dup2(log, 2)
     os.close(log)
     if not quiet:
-        console.send("start", log=log_path)
+        console.send("start", log=log_path, pid=os.getpid())
     try:
         yield console
     except BaseException as error:

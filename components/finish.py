@@ -16,7 +16,9 @@ def finish_run(mlflow_parent_run_id: str, kfp_run_id: str, status: dsl.PipelineT
 
         from pipeline.tracking import finish_parent_run
 
-        mlflow.MlflowClient().set_tag(mlflow_parent_run_id, "kfp.run_id", kfp_run_id)
         final = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED"}.get(status.state, "FAILED")
         print(f"the pipeline's tasks ended {status.state}; MLflow run {mlflow_parent_run_id}: {final}")
-        finish_parent_run(mlflow_parent_run_id, final)
+        try:
+            finish_parent_run(mlflow_parent_run_id, final)
+        finally:  # after ending the runs: on a full disk the tag cannot be written, the end can
+            mlflow.MlflowClient().set_tag(mlflow_parent_run_id, "kfp.run_id", kfp_run_id)

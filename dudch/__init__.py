@@ -24,6 +24,22 @@ def first_line(error, limit=200):
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
+def out_of_space(error):
+    """Where an exception (or one in its chain: a store's client wraps the cause) says a disk is
+    full: the detail to quote (the file being written, or the database), else None."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left writing {error.filename}" if error.filename else "no space left on device"
+        if "database or disk is full" in str(error):
+            return "the database or disk is full"
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def shown(value, limit=60):
     """repr(value) for an error message, cut to `limit` characters: an input is never echoed
     back whole (it may be megabytes)."""

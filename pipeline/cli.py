@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -386,7 +387,7 @@ def _run(args):
         if args.verbose:
             raise DudchError(f"the pipeline failed ({reason}); the failing task's output is above") from None
         print("\n".join(console.failure_report()), flush=True)
-        failed = console.failures[0] if console.failures else None
+        failed = (console.failures or console.killed() or [None])[0]
         raise DudchError(f"task {failed['task']} failed: {failed['error']}" if failed else
                          f"the pipeline failed ({reason}); see {logs / RUNNER_LOG}") from None
     finally:
@@ -395,6 +396,8 @@ def _run(args):
         builtins.print = plain_print
         for stop, handler in handlers.items():
             signal.signal(stop, handler)
+        # The store's own error log (a traceback) would bury the one line below.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         try:
             if tracking.is_running(run_id):  # the pipeline's exit task ends it, unless it never ran
                 tracking.finish_parent_run(run_id, status)

@@ -43,6 +43,7 @@ class RunConsole:
         self.directory = Path(directory)
         self.stream = stream or sys.stdout
         self.failures, self._warned, self._began = [], set(), {}
+        self._running = {}  # (stage, bits) -> (task, its log): started and not yet ended
         self._bars = {}  # (stage, bits) -> (tqdm bar, its screen row)
         self._started, self._offset, self._stop = time.monotonic(), 0, threading.Event()
 
@@ -110,6 +111,7 @@ class RunConsole:
         kind = event["event"]
         if kind == "start":
             self._began[key] = event["time"]
+            self._running[key] = task, event["log"]
             self._say(f"{task:<15} started")
         elif kind == "progress":
             self._progress(key, task, event)
@@ -119,6 +121,7 @@ class RunConsole:
         elif kind == "note":
             self._say(event["message"])
         elif kind == "end":
+            self._running.pop(key, None)
             if key in self._bars:
                 self._bars.pop(key)[0].close()
             seconds = event["time"] - self._began.get(key, event["time"])
@@ -141,11 +144,20 @@ class RunConsole:
         bar = self._bars[key][0]
         bar.update(event["done"] - bar.n)
 
+    def killed(self):
+        """After a failed run in which no task reported a failure: the tasks that started and
+        never ended, as failures. A task ends without a word only when its process was killed
+        (SIGKILL, the out-of-memory killer): its error handler never ran."""
+        return [{"task": task, "log": log, "error": "it was killed before it could report an error "
+                 "(SIGKILL, or the out-of-memory killer: see `dmesg`); rerun the pipeline"}
+                for task, log in self._running.values()]
+
     def failure_report(self):
-        """Lines for the user after a failed run: each failed task's log tail and path, or, when
-        no task reported (the runner itself failed), the runner log's."""
+        """Lines for the user after a failed run: each failed (or killed) task's log tail and
+        path, or, when no task was running (the runner itself failed), the runner log's."""
         lines = []
-        for failure in self.failures or [{"task": "the local runner", "log": str(self.directory / RUNNER_LOG)}]:
+        for failure in (self.failures or self.killed()
+                        or [{"task": "the local runner", "log": str(self.directory / RUNNER_LOG)}]):
             lines.append(f"\nLast lines of {failure['task']}'s log ({failure['log']}):")
             lines += ["  " + redact(line) for line in log_tail(failure["log"])]
         return lines

@@ -7,7 +7,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from dudch import DudchError, first_line
+from dudch import DudchError, first_line, out_of_space
 
 EXPERIMENT = "dudch"
 KIND_TAG = "dudch.kind"
@@ -176,10 +176,32 @@ def finish_parent_run(run_id, status):
             final = "FINISHED"
     finally:
         experiment_id = client.get_run(run_id).info.experiment_id
-        for child in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
-                                        f"and attributes.status = 'RUNNING'"):
-            client.set_terminated(child.info.run_id, "KILLED" if status == "KILLED" else "FAILED")
-        client.set_terminated(run_id, final)
+        running = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
+                                     f"and attributes.status = 'RUNNING'")
+        ends = {child.info.run_id: "KILLED" if status == "KILLED" else "FAILED" for child in running}
+        ends[run_id] = final
+        try:
+            for ended, how in ends.items():
+                client.set_terminated(ended, how)
+        except Exception as error:
+            database = mlflow.get_tracking_uri().partition("sqlite:///")[2]
+            if not (out_of_space(error) and database):
+                raise
+            _end_in_place(database, ends)
+
+
+def _end_in_place(database, ends):
+    """End runs ({run id: status}) in a sqlite store on a full disk, where MLflow cannot: sqlite
+    needs room for its rollback journal, and with the journal in memory an update that fits its
+    page (a status and an end time do) needs none. Otherwise they would stay RUNNING for good."""
+    import sqlite3
+    import time
+
+    with contextlib.closing(sqlite3.connect(database, timeout=60)) as db:
+        db.execute("PRAGMA journal_mode=MEMORY")
+        with db:
+            db.executemany("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
+                           [(how, int(time.time() * 1000), ended) for ended, how in ends.items()])
 
 
 def is_running(run_id):

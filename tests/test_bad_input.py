@@ -124,6 +124,28 @@ def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
         subprocess.run(["umount", str(artifacts)], check=True)
 
 
+def test_a_store_whose_disk_fills_up_ends_the_run_failed_in_one_line(tmp_path):
+    """The store (database and artifacts) on a 3 MB disk that the run's artifacts fill: the
+    task that meets it names the problem and the fix, and the runs end FAILED, not RUNNING,
+    although MLflow itself can no longer write to its database."""
+    store = tmp_path / "store"
+    store.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(store)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({mounted.stderr.decode().strip()})")
+    try:
+        done = dudch("run", "--max-items", "50", "--bits", "16",
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
+        refused(done, "failed: out of disk space (the database or disk is full) under the MLflow store "
+                      "or the run's outputs; free space there (or point MLFLOW_TRACKING_URI at another disk)")
+        mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+        runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
+        statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
+        assert statuses["pipeline"] == "FAILED" and "RUNNING" not in statuses.values()
+    finally:
+        subprocess.run(["umount", "--lazy", str(store)], check=True)  # the store may still be open here
+
+
 @pytest.mark.parametrize("reachable, credentials, expected, fix", [
     (False, True, "dvc push: cannot reach the remote's endpoint 'http://127.0.0.1:", "--endpoint-url URL"),
     (True, False, "dvc push with remote 'storage' (s3://bucket/x) failed (NoCredentialsError",

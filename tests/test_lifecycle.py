@@ -1,7 +1,9 @@
 """MLflow runs that end as the pipeline does: a retried task keeps one child run per stage and bit
 length, runs that an older version left duplicated read as one row, Ctrl-C ends a local run at
-once as KILLED. (A failed run ends FAILED: tests/test_console.py.)"""
+once as KILLED, a killed task is named with its own log. (A failed run ends FAILED:
+tests/test_console.py.)"""
 
+import json
 import os
 import signal
 import subprocess
@@ -145,3 +147,45 @@ def test_a_stopped_local_run_stops_every_task_at_once_and_is_killed(tmp_path, st
     runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
     statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
     assert statuses["pipeline"] == "KILLED" and "RUNNING" not in statuses.values()
+
+
+
+def test_a_task_killed_by_sigkill_is_named_with_its_own_log(tmp_path):
+    """SIGKILL (or the out-of-memory killer) leaves a task no chance to report: the console
+    names it from its start without an end, shows its own log (not the runner's), and the run
+    ends FAILED with nothing left RUNNING."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        run = subprocess.Popen([str(Path(sys.executable).with_name("dudch")), "run", "--max-items", "300",
+                                "--bits", "16", "--param", "teacher_epochs=100000", "--param", "min_word_count=2",
+                                "--param", "min_label_size=10", "--keep-runs", "0", "--no-cache"], cwd=ROOT,
+                               stdout=stdout, stderr=stderr, start_new_session=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store})
+    try:
+        teacher, deadline = None, time.time() + 900  # prepare first: slow on a loaded machine
+        while teacher is None and time.time() < deadline and run.poll() is None:
+            time.sleep(0.5)
+            if "Logs: " in out.read_text():
+                events = ROOT / out.read_text().split("Logs: ")[1].split("/ ")[0] / "events.jsonl"
+                teacher = next((e for e in map(json.loads, events.read_text().splitlines())
+                                if e["event"] == "start" and e["stage"] == "teacher"), None)
+        assert teacher, "the teacher never started: " + out.read_text()[-2000:] + err.read_text()[-2000:]
+        while "teacher-16b: 1/" not in Path(teacher["log"]).read_text() and time.time() < deadline:
+            time.sleep(0.2)  # into its epochs, its MLflow run started
+        os.kill(teacher["pid"], signal.SIGKILL)
+        run.wait(timeout=600)  # only so that a run that never ends fails the test
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    printed, errors = out.read_text(), err.read_text()
+    assert run.returncode == 2, printed[-2000:] + errors[-2000:]
+    assert errors.strip().splitlines()[-1].startswith("error: task teacher 16b failed: it was killed before "
+                                                      "it could report an error (SIGKILL, or the out-of-memory killer")
+    assert f"Last lines of teacher 16b's log ({teacher['log']}):" in printed
+    assert "kfp.log" not in printed.split("Last lines")[1] and "Traceback" not in printed + errors
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
+    statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
+    # The teacher (a cached stage) logs its MLflow run in a task after it, which never ran.
+    assert statuses["pipeline"] == "FAILED" and "RUNNING" not in statuses.values()
