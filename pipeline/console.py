@@ -42,8 +42,8 @@ class RunConsole:
     def __init__(self, directory, stream=None):
         self.directory = Path(directory)
         self.stream = stream or sys.stdout
-        self.failures, self._warned, self._began = [], set(), {}
-        self._running = {}  # (stage, bits) -> (task, its log): started and not yet ended
+        self.failures, self._warned = [], set()
+        self._running = {}  # (stage, bits) -> the start event of a task that has not ended
         self._bars = {}  # (stage, bits) -> (tqdm bar, its screen row)
         self._started, self._offset, self._stop = time.monotonic(), 0, threading.Event()
 
@@ -110,8 +110,7 @@ class RunConsole:
         key = (event["stage"], event["bits"])
         kind = event["event"]
         if kind == "start":
-            self._began[key] = event["time"]
-            self._running[key] = task, event["log"]
+            self._running[key] = dict(event, task=task)
             self._say(f"{task:<15} started")
         elif kind == "progress":
             self._progress(key, task, event)
@@ -121,10 +120,10 @@ class RunConsole:
         elif kind == "note":
             self._say(event["message"])
         elif kind == "end":
-            self._running.pop(key, None)
+            began = self._running.pop(key, event)
             if key in self._bars:
                 self._bars.pop(key)[0].close()
-            seconds = event["time"] - self._began.get(key, event["time"])
+            seconds = event["time"] - began["time"]
             if event["status"] == "ok":
                 self._say(f"{task:<15} done in {seconds:.0f} s")
             else:
@@ -148,9 +147,9 @@ class RunConsole:
         """After a failed run in which no task reported a failure: the tasks that started and
         never ended, as failures. A task ends without a word only when its process was killed
         (SIGKILL, the out-of-memory killer): its error handler never ran."""
-        return [{"task": task, "log": log, "error": "it was killed before it could report an error "
-                 "(SIGKILL, or the out-of-memory killer: see `dmesg`); rerun the pipeline"}
-                for task, log in self._running.values()]
+        return [{"task": start["task"], "log": start["log"], "error": "it was killed before it could "
+                 "report an error (SIGKILL, or the out-of-memory killer: see `dmesg`); rerun the pipeline"}
+                for start in self._running.values()]
 
     def failure_report(self):
         """Lines for the user after a failed run: each failed (or killed) task's log tail and

@@ -5,6 +5,7 @@ beside what they exercise: serving (tests/test_registry.py: over HTTP, tampered 
 bad images and the feature cache (tests/test_sources.py, tests/test_data.py), a failing task
 (tests/test_console.py), signals (tests/test_lifecycle.py), remotes (tests/test_dvc_remote.py)."""
 
+import contextlib
 import json
 import os
 import socket
@@ -107,33 +108,35 @@ def test_an_unreachable_tracking_server_is_found_before_any_work(tmp_path):
     assert done.stderr.count("\n") == 1 and done.stdout == ""  # no parent run, no task started
 
 
-def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
-    artifacts = tmp_path / "mlartifacts"
-    artifacts.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(artifacts)], capture_output=True)
+@contextlib.contextmanager
+def small_disk(folder, options):
+    """A tmpfs mounted at `folder` (made here) with mount `options`, for the length of a case;
+    the case is skipped where mounting is not allowed."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only file system here ({mounted.stderr.decode().strip()})")
+        pytest.skip(f"cannot mount a small file system here ({mounted.stderr.decode().strip()})")
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # a store may still be open here
+
+
+def test_a_read_only_artifact_store_is_found_before_any_work(tmp_path):
+    with small_disk(tmp_path / "mlartifacts", "ro,size=1m") as artifacts:
         done = dudch("run", "--max-items", "50", "--bits", "16",
                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
         refused(done, f"the MLflow artifact store {artifacts} is not writable (Read-only file system)")
         assert done.stdout == ""  # no parent run announced, no task started
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id]) == []
-    finally:
-        subprocess.run(["umount", str(artifacts)], check=True)
 
 
 def test_a_store_whose_disk_fills_up_ends_the_run_failed_in_one_line(tmp_path):
     """The store (database and artifacts) on a 3 MB disk that the run's artifacts fill: the
     task that meets it names the problem and the fix, and the runs end FAILED, not RUNNING,
     although MLflow itself can no longer write to its database."""
-    store = tmp_path / "store"
-    store.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(store)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here ({mounted.stderr.decode().strip()})")
-    try:
+    with small_disk(tmp_path / "store", "size=3m") as store:
         done = dudch("run", "--max-items", "50", "--bits", "16",
                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
         refused(done, "failed: out of disk space (the database or disk is full) under the MLflow store "
@@ -142,8 +145,6 @@ def test_a_store_whose_disk_fills_up_ends_the_run_failed_in_one_line(tmp_path):
         runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("dudch").experiment_id])
         statuses = {r.data.tags.get("dudch.stage", "pipeline"): r.info.status for r in runs}
         assert statuses["pipeline"] == "FAILED" and "RUNNING" not in statuses.values()
-    finally:
-        subprocess.run(["umount", "--lazy", str(store)], check=True)  # the store may still be open here
 
 
 @pytest.mark.parametrize("reachable, credentials, expected, fix", [
