@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import cached_teacher, graph_for, machine, train_student  # noqa: E402
+from quality import cached_teacher, cpu, graph_for, machine, train_student  # noqa: E402
 
 from dudch import evaluate, nets, prepare, retrieval  # noqa: E402
 from dudch.student import StudentConfig  # noqa: E402
@@ -44,13 +44,6 @@ from dudch.teacher import TeacherConfig  # noqa: E402
 from dudch.teacher import fit as fit_teacher  # noqa: E402
 
 METHODS = ("grown", "grown_image_code", "grown_text_code", "not_grown", "retrained", "retrained_joint")
-
-
-def cpu():
-    """The CPU in words: model name and whether it has AVX-512."""
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
-    return f"{model}, {'AVX-512' if 'avx512f' in info else 'no AVX-512'}"
 
 
 def held_back(features, fraction, seed):

@@ -284,6 +284,13 @@ def tuning_markdown(result, title="Student designs"):
     return "\n".join(lines)
 
 
+def cpu():
+    """The CPU in words: model name and whether it has AVX-512."""
+    info = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    return f"{model}, {'AVX-512' if 'avx512f' in info else 'no AVX-512'}"
+
+
 def machine():
     """The machine in words: cores, memory, Python and torch versions, accelerator."""
     memory = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()

@@ -192,8 +192,13 @@ class ImageEncoder:
     """The frozen backbone: `encode` maps uint8 images (n, h, w, 3) to float32 (n, 1280)."""
 
     def __init__(self, device="cpu"):
+        import torch
+
         self.device = device
-        self.model = efficientnet_backbone().eval().to(device)
+        # The pixels arrive channels-last (n, h, w, 3); weights laid out the same way spare oneDNN
+        # a reorder per convolution: 1.2x faster on CPU, and the same features to the last bit
+        # on the development machine (benchmarks/results/pipeline-time.json compares the caches).
+        self.model = efficientnet_backbone().eval().to(device, memory_format=torch.channels_last)
         reuse_freed_memory()
 
     def encode(self, images):

@@ -47,7 +47,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for_port(port, process, what, timeout=60):
+def wait_for_port(port, process, what, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -69,14 +69,16 @@ def start_mlflow_server(port, **settings):
     process = subprocess.Popen(["bash", str(ROOT / "mlflow" / "server.sh")],
                                env={**os.environ, "MLFLOW_PORT": str(port), **settings},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_port(port, process, "mlflow/server.sh", timeout=120)
+    wait_for_port(port, process, "mlflow/server.sh", timeout=300)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    deadline = time.time() + 300  # a loaded slow machine takes tens of seconds to load MLflow
+    while time.time() < deadline:
         try:
-            if requests.get(f"{url}/health", timeout=5).ok:
+            if requests.get(f"{url}/health", timeout=30).ok:
                 return process, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
     stop(process)
     raise RuntimeError("the MLflow server never answered /health")
 
@@ -87,7 +89,7 @@ def stop(process):
     import signal
 
     os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    process.wait(timeout=120)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +108,7 @@ def s3_endpoint():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=120)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

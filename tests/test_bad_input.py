@@ -182,7 +182,7 @@ def test_two_first_runs_on_a_fresh_store_both_connect(tmp_path):
         store.unlink(missing_ok=True)
         racers = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]
-        results = [racer.communicate(timeout=120) for racer in racers]
+        results = [racer.communicate(timeout=600) for racer in racers]
         assert all(racer.returncode == 0 for racer in racers), [err[-500:] for _, err in results]
         assert len({out.strip() for out, _ in results}) == 1
 

@@ -124,6 +124,21 @@ def test_decoding_is_bounded(tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's decompression-bomb guard stays on
 
 
+def test_the_encoder_s_channels_last_weights_give_the_features_of_the_plain_layout(openclipart_root):
+    """ImageEncoder lays its weights out channels-last for speed; the features must be those of
+    the network as shipped (the feature cache keys do not change with the layout)."""
+    import torch
+
+    from dudch.features import ImageEncoder, efficientnet_backbone
+
+    drawings = sorted(openclipart_root.glob("food/*.svg"))[:6]
+    pixels = np.stack([read_image(path) for path in drawings])
+    plain = efficientnet_backbone().eval()
+    with torch.inference_mode():
+        expected = plain(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(ImageEncoder().encode(pixels), expected, rtol=0, atol=1e-5)
+
+
 def test_split_is_seeded_disjoint_and_scaled():
     split = make_split(1000, PrepareConfig(seed=3))
     again = make_split(1000, PrepareConfig(seed=3))

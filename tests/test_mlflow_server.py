@@ -48,8 +48,8 @@ def test_the_ui_api_sorts_pipeline_runs_by_a_summary_metric_with_every_parameter
     summary metric; each row has the metrics (per bit length and as a series over bits) and
     every pipeline parameter, defaults included."""
     api = f"{tracking_server['url']}/api/2.0/mlflow"
-    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "dudch"}, timeout=30).json()
-    found = requests.post(f"{api}/runs/search", timeout=30, json={
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "dudch"}, timeout=120).json()
+    found = requests.post(f"{api}/runs/search", timeout=120, json={
         "experiment_ids": [experiment["experiment"]["experiment_id"]],
         "filter": "tags.`dudch.kind` = 'pipeline'", "order_by": ["metrics.`student.i2t.map_50.32b` DESC"]}).json()["runs"]
     assert sorted(r["info"]["run_id"] for r in found) == sorted(run_id for run_id, _ in server_runs)
@@ -66,12 +66,12 @@ def test_the_ui_api_sorts_pipeline_runs_by_a_summary_metric_with_every_parameter
     assert {p["student_outer_iterations"] for p in params} == {"2", "4"}
     assert all(r["info"]["run_name"].startswith("openclipart 16-32b ") for r in found)
     run_id = server_runs[0][0]
-    history = requests.get(f"{api}/metrics/get-history", timeout=30,
+    history = requests.get(f"{api}/metrics/get-history", timeout=120,
                            params={"run_id": run_id, "metric_key": "student.t2i.map_all"}).json()["metrics"]
     assert sorted(m["step"] for m in history) == [16, 32]  # the UI's chart of mAP against bits
-    run = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=30).json()["run"]
+    run = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=120).json()["run"]
     assert "| student | 32 | t2i |" in {t["key"]: t["value"] for t in run["data"]["tags"]}["mlflow.note.content"]
-    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "plots"}, timeout=30).json()
+    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "plots"}, timeout=120).json()
     assert "plots/map_vs_bits.png" in {f["path"] for f in artifacts["files"]}
 
 

@@ -33,7 +33,7 @@ def test_pipeline_shape_prepare_once_then_a_branch_per_bit_length_then_finish():
 
 
 def test_unreachable_mlflow_gives_one_line_naming_the_fix():
-    done = dudch("run", "--max-items", "600", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=60)
+    done = dudch("run", "--max-items", "600", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=300)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in done.stderr
@@ -80,7 +80,7 @@ def test_submit_reports_a_refused_token(tmp_path):
     threading.Thread(target=server.handle_request, daemon=True).start()
     try:
         done = dudch("submit", "--host", f"http://127.0.0.1:{server.server_port}", "--param", "dataset=openclipart:/d",
-                     env={"KFP_TOKEN": "expired"}, timeout=60)
+                     env={"KFP_TOKEN": "expired"}, timeout=300)
     finally:
         server.server_close()
     assert done.returncode == 2 and "refused the request (HTTP 401)" in done.stderr and "KFP_TOKEN" in done.stderr

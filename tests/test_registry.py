@@ -209,7 +209,7 @@ def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_r
 
     def ask(columns, data, **params):
         body = {"dataframe_split": {"columns": columns, "data": data}, "params": params}
-        return requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        return requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=300)
 
     def refused(reply, message):
         assert reply.status_code == 400, reply.text[:300]
@@ -217,7 +217,7 @@ def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_r
         assert error["message"] == message and "stack_trace" not in error and "Traceback" not in reply.text
 
     try:
-        wait_for_port(port, server, "mlflow models serve", timeout=120)
+        wait_for_port(port, server, "mlflow models serve", timeout=300)
         features = features_of(pipeline_run)
         rows = features["image"][features["query"][:3]]
         for _ in range(100):  # the port opens before the model has loaded
@@ -253,7 +253,7 @@ def test_mlflow_models_serve_answers_invocations_and_trusts_no_client(pipeline_r
             assert reply.status_code == 200 and "the ranking is arbitrary" in reply.json()["predictions"][0]["warning"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
-        server.wait(timeout=30)
+        server.wait(timeout=120)
 
 
 def tree_rss(pid):
@@ -308,7 +308,7 @@ def test_the_served_model_holds_its_bounds_under_concurrent_heavy_requests(pipel
     finally:
         done.set()
         os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+        server.wait(timeout=120)
     statuses = [r.status_code for r in replies]
     assert set(statuses) <= {200, 503} and 200 in statuses, statuses
     for reply in replies:
@@ -478,14 +478,14 @@ def test_dudch_serve_guards_what_reaches_the_scoring_server_before_the_model(pip
                               text=True, start_new_session=True)
     try:
         wait_for_port(port, server, "dudch serve", timeout=300)
-        served = requests.post(f"http://127.0.0.1:{port}/invocations", json=good, timeout=60)
+        served = requests.post(f"http://127.0.0.1:{port}/invocations", json=good, timeout=300)
         assert served.status_code == 200 and served.json()["predictions"][0]["ids"] == local["ids"][0]
-        deep = requests.post(f"http://127.0.0.1:{port}/invocations", data=b"[" * 100_000, timeout=60,
+        deep = requests.post(f"http://127.0.0.1:{port}/invocations", data=b"[" * 100_000, timeout=300,
                              headers={"Content-Type": "application/json"})
         assert deep.status_code == 400 and deep.json()["error_code"] == "BAD_REQUEST"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.wait(timeout=120)
     assert server.stdout.read().startswith(f"serving models:/dudch@production at http://127.0.0.1:{port}/invocations")
 
 
