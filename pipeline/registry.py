@@ -173,9 +173,9 @@ def register(retriever_dir, name, tags, alias, experiment_id, run_name, parent_r
         client.create_registered_model(name)
     except MlflowException:
         pass  # it exists: add a version
-    version = client.create_model_version(name, logged.model_uri, run_id=logged.run_id, model_id=logged.model_id)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+    # Tagged as it is created: an interruption after this leaves no version without its lineage.
+    version = client.create_model_version(name, logged.model_uri, run_id=logged.run_id, model_id=logged.model_id,
+                                          tags=tags)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version

@@ -122,6 +122,44 @@ def test_a_duplicate_add_is_refused_and_registers_nothing(grown):
     assert len(grown["client"].search_model_versions(f"name = '{NAME}'")) == before
 
 
+def test_an_interrupted_add_registers_nothing_and_leaves_nothing_behind(grown, tmp_path):
+    """Ctrl-C while `index add` encodes (its model downloaded, 200 drawings to go): one line,
+    exit 130, no new version, the registered ones unchanged, no scratch folder left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = grown["parent"]
+    manifest, _ = new_drawings(tmp_path / "many", parent, 200)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    client = grown["client"]
+    before = {v.version: (v.tags, v.source) for v in client.search_model_versions(f"name = '{NAME}'")}
+    command = [str(Path(sys.executable).with_name("dudch")), "index", "add", "--model", f"models:/{NAME}/1",
+               "--dataset", f"manifest:{manifest}"]
+    run = subprocess.Popen(command, env={**os.environ, **grown["env"], "TMPDIR": str(scratch)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600  # the model's download is the sign that encoding comes next
+        while not list(scratch.glob("*/model/MLmodel")) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and stdout == "", stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: index interrupted (Ctrl-C); nothing was half-written, rerun it to start again"]
+    assert stderr.splitlines()[-1] == errors[0] and "Traceback" not in stderr
+    after = {v.version: (v.tags, v.source) for v in client.search_model_versions(f"name = '{NAME}'")}
+    assert after == before
+    assert list(scratch.iterdir()) == []
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{NAME}/1").get_raw_model().database_codes(),
+                                  parent.database_codes())
+
+
 def test_remove_makes_an_item_unfindable_and_moves_the_alias_when_asked(grown, tmp_path):
     records, env = grown["records"], grown["env"]
     gone = records[0]["image"]
