@@ -8,7 +8,8 @@ Each task's own time comes from the run's events (.dudch/logs/RUN/events.jsonl: 
 end per task, as the console draws them); a stage's time is the sum over its tasks (four code
 lengths, two at a time on two cores). The gaps are the time within each code length's chain
 (prepare -> teacher -> similarity -> student -> evaluate) between one task's end and the next
-one's start: process start, imports and KFP's hand-over. Both results tables are kept, and
+one's start: process start, imports, KFP's hand-over, and waiting for one of the two slots
+(the later code lengths' teachers queue behind the first two chains). Both results tables are kept, and
 whether they are equal. Ratios are after / before, so they hold for this machine only.
 
     .venv/bin/python benchmarks/pipeline_time.py --before COMMIT [--after COMMIT]
@@ -113,12 +114,14 @@ def ratio(after, before):
     return round(after / before, 3) if before else None
 
 
-def report(before, after):
-    """The JSON result: both sides, and each figure's after / before."""
+def report(before, after, feature_difference):
+    """The JSON result: both sides, each figure's after / before, and the largest difference
+    between their image features."""
     return dict(
         machine=machine(), cpu=cpu(), command="python " + " ".join(sys.argv),
-        before=before, after=after,
-        ratio=dict(make_run=ratio(after["make_run_s"], before["make_run_s"]),
+        before=before, after=after, image_features_max_abs_difference=feature_difference,
+        ratio=dict(install=ratio(after["install_s"], before["install_s"]),
+                   make_run=ratio(after["make_run_s"], before["make_run_s"]),
                    install_and_make_run=ratio(after["install_s"] + after["make_run_s"],
                                               before["install_s"] + before["make_run_s"]),
                    gaps=ratio(after["gaps_s"]["total"], before["gaps_s"]["total"]),
@@ -136,7 +139,7 @@ def markdown(result):
              f"a time); gaps are the idle time between consecutive tasks of a code length's chain.", "",
              "| | before (s) | after (s) | after / before |", "|---|---|---|---|",
              f"| install (`make data`) | {before['install_s']} | {after['install_s']} | "
-             f"{ratio(after['install_s'], before['install_s'])} |",
+             f"{ratios['install']} |",
              f"| pipeline (`make run`) | {before['make_run_s']} | {after['make_run_s']} | {ratios['make_run']} |",
              f"| install + pipeline | {round(before['install_s'] + before['make_run_s'], 1)} | "
              f"{round(after['install_s'] + after['make_run_s'], 1)} | {ratios['install_and_make_run']} |"]
@@ -165,8 +168,8 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pipeline-time-") as scratch:
         commits = [commit_of(reference) for reference in (args.before, args.after)]
-        result = report(*(measure(commit, Path(scratch)) for commit in commits))
-        result["image_features_max_abs_difference"] = feature_difference(*(Path(scratch) / c[:12] for c in commits))
+        sides = [measure(commit, Path(scratch)) for commit in commits]
+        result = report(*sides, feature_difference(*(Path(scratch) / c[:12] for c in commits)))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(markdown(result))

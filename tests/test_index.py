@@ -3,6 +3,11 @@ drawings and shrunk again, each step a new version with its lineage, the parent 
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -125,12 +130,6 @@ def test_a_duplicate_add_is_refused_and_registers_nothing(grown):
 def test_an_interrupted_add_registers_nothing_and_leaves_nothing_behind(grown, tmp_path):
     """Ctrl-C while `index add` encodes (its model downloaded, 200 drawings to go): one line,
     exit 130, no new version, the registered ones unchanged, no scratch folder left."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     parent = grown["parent"]
     manifest, _ = new_drawings(tmp_path / "many", parent, 200)
     scratch = tmp_path / "scratch"
