@@ -1,10 +1,18 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENCLIPART = ROOT / "data" / "openclipart"
+
+
+def interruptible():
+    """A `preexec_fn` that lets the child take Ctrl-C as a terminal's foreground job does. A job
+    started in the background (`make test &`, nohup) ignores SIGINT, and every process it starts
+    inherits that, so without this a test's SIGINT would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_pipeline(*args, env):

@@ -13,7 +13,7 @@ from dudch import DudchError, openclipart, sources
 from dudch.features import bag_of_words, expand_internal_entities, read_image, render_svg
 from dudch.prepare import PrepareConfig, make_split
 from pipeline.data import ensure_openclipart, workspace_matches_pin
-from tests.helpers import ROOT, dudch
+from tests.helpers import ROOT, dudch, interruptible
 
 SVG = b"""<svg xmlns="http://www.w3.org/2000/svg" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"
  xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:cc="http://creativecommons.org/ns#" width="10" height="20"><metadata><rdf:RDF><cc:Work>
@@ -220,7 +220,7 @@ def test_ctrl_c_during_extraction_is_one_line_and_blocks_no_later_run(tmp_path):
     shutil.copy(ROOT / "data.dvc", tmp_path / "data.dvc")
     command = [str(Path(sys.executable).with_name("dudch")), "data", "openclipart", "--archive", str(deb)]
     run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                           start_new_session=True, preexec_fn=interruptible)
     try:
         for _ in range(3000):  # until dpkg has started unpacking (at most 5 minutes)
             if list((tmp_path / "data").glob(".openclipart-unpack-*/usr")) or run.poll() is not None:

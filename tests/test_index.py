@@ -17,7 +17,7 @@ import pytest
 
 from dudch import nets, retrieval, sources
 from dudch.features import bag_of_words_for
-from tests.helpers import OPENCLIPART, dudch
+from tests.helpers import OPENCLIPART, dudch, interruptible
 
 NAME = "index-test"
 ADDED = 12
@@ -139,7 +139,7 @@ def test_an_interrupted_add_registers_nothing_and_leaves_nothing_behind(grown, t
     command = [str(Path(sys.executable).with_name("dudch")), "index", "add", "--model", f"models:/{NAME}/1",
                "--dataset", f"manifest:{manifest}"]
     run = subprocess.Popen(command, env={**os.environ, **grown["env"], "TMPDIR": str(scratch)},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         deadline = time.time() + 600  # the model's download is the sign that encoding comes next
         while not list(scratch.glob("*/model/MLmodel")) and run.poll() is None and time.time() < deadline:

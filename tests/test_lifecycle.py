@@ -16,7 +16,7 @@ import pytest
 
 from components.tracking import BITS_TAG, STAGE_TAG, stage_run
 from pipeline import registry, tracking
-from tests.helpers import ROOT, dudch
+from tests.helpers import ROOT, dudch, interruptible
 
 
 @pytest.fixture
@@ -117,9 +117,7 @@ def test_a_stopped_local_run_stops_every_task_at_once_and_is_killed(tmp_path, st
                                 "--bits", "16", "32", "64", "--param", "teacher_epochs=100000", "--param",
                                 "min_word_count=2", "--param", "min_label_size=10", "--keep-runs", "0",
                                 "--no-cache"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True,
-                               # As from a terminal: a job started in the background ignores SIGINT.
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True, preexec_fn=interruptible)
         try:
             deadline = time.time() + 600  # prepare first: slow on a loaded machine
             while "teacher 16b     started" not in log.read_text() and time.time() < deadline:
