@@ -139,10 +139,6 @@ def test_an_interrupted_add_registers_nothing_and_leaves_nothing_behind(grown, t
     scratch.mkdir()
     client = grown["client"]
     before = {v.version: (v.tags, v.source) for v in client.search_model_versions(f"name = '{NAME}'")}
-    command = [str(Path(sys.executable).with_name("dudch")), "index", "add", "--model", f"models:/{NAME}/1",
-               "--dataset", f"manifest:{manifest}"]
-    run = subprocess.Popen(command, env={**os.environ, **grown["env"], "TMPDIR": str(scratch)},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     # Interrupt once the model's download is complete (encoding comes next): a Ctrl-C inside
     # MLflow's threaded download is a known traceback, not what this test is about.
     reference = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "reference")))
@@ -151,6 +147,11 @@ def test_an_interrupted_add_registers_nothing_and_leaves_nothing_behind(grown, t
     def downloaded():
         return any(all((folder / name).is_file() and (folder / name).stat().st_size == size
                        for name, size in sizes.items()) for folder in scratch.glob("*/model"))
+
+    command = [str(Path(sys.executable).with_name("dudch")), "index", "add", "--model", f"models:/{NAME}/1",
+               "--dataset", f"manifest:{manifest}"]
+    run = subprocess.Popen(command, env={**os.environ, **grown["env"], "TMPDIR": str(scratch)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         deadline = time.time() + 600
         while not downloaded() and run.poll() is None and time.time() < deadline:

@@ -117,7 +117,8 @@ def test_a_stopped_local_run_stops_every_task_at_once_and_is_killed(tmp_path, st
                                 "--bits", "16", "32", "64", "--param", "teacher_epochs=100000", "--param",
                                 "min_word_count=2", "--param", "min_label_size=10", "--keep-runs", "0",
                                 "--no-cache"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True, preexec_fn=interruptible)
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, start_new_session=True,
+                               preexec_fn=interruptible)
         try:
             deadline = time.time() + 600  # prepare first: slow on a loaded machine
             while "teacher 16b     started" not in log.read_text() and time.time() < deadline:
