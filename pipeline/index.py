@@ -10,9 +10,13 @@ pipeline run's database; the promotion gate reads them), and the lineage: `dudch
 `dudch.dataset` and `dudch.data_version` (its DVC md5, or "unpinned").
 """
 
+import contextlib
+import gc
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +112,11 @@ def _open(client, model_uri, destination):
     except MlflowException:
         raise DudchError(f"no model version {model_uri} in the registry; check the name and alias "
                          f"(`dudch promote` sets them)") from None
-    folder = registry.download(f"models:/{version.name}/{version.version}", str(Path(destination) / "model"))
+    with _interrupt_held():
+        folder = registry.download(f"models:/{version.name}/{version.version}", str(Path(destination) / "model"))
+        # MLflow's download pool can be left in a reference cycle; collected later, its weakref
+        # callback would swallow a Ctrl-C ("Exception ignored"), so it goes while Ctrl-C waits.
+        gc.collect()
     data = (yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"].get("data") or "")
     if not (folder / data / "database.npz").is_file():
         raise DudchError(f"{model_uri} is not a dudch retrieval model (it has no database); grow a model "
@@ -128,8 +136,29 @@ def _register(client, parent, retriever_dir, name, alias, lineage, run_name):
             "dudch.parent_version": f"{parent.name}/{parent.version}",
             "dudch.decision": f"{run_name}: {lineage['dudch.items_added']} items added, "
                               f"{lineage['dudch.items_removed']} removed from version {parent.version}"}
-    return registry.register(retriever_dir, name or parent.name, tags, alias,
-                             experiment_id=parent_run.info.experiment_id, run_name=run_name,
-                             parent_run_id=parent_run.data.tags.get("mlflow.parentRunId"),
-                             run_tags={KIND_TAG: "index", **{k: v for k, v in tags.items()
-                                                             if k.startswith("dudch.items")}})
+    with _interrupt_held(stop_after=False):  # pressed during registering: too late, it is done
+        return registry.register(retriever_dir, name or parent.name, tags, alias,
+                                 experiment_id=parent_run.info.experiment_id, run_name=run_name,
+                                 parent_run_id=parent_run.data.tags.get("mlflow.parentRunId"),
+                                 run_tags={KIND_TAG: "index", **{k: v for k, v in tags.items()
+                                                                 if k.startswith("dudch.items")}})
+
+
+@contextlib.contextmanager
+def _interrupt_held(stop_after=True):
+    """Ctrl-C inside the block waits for the block to end, then stops the command
+    (KeyboardInterrupt) if `stop_after`. Around MLflow's threaded download (a Ctrl-C in it made
+    the temporary folder's removal race the download threads: a traceback) and the registration
+    (all of it, or none)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # Ctrl-C is ignored (a background job) or someone else's to handle
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed and stop_after:
+        raise KeyboardInterrupt
