@@ -155,7 +155,7 @@ def test_an_interrupted_add_registers_nothing_and_leaves_nothing_behind(grown, t
     try:
         deadline = time.time() + 600
         while not reached() and run.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.005)  # the download takes a fraction of a second
         run.send_signal(signal.SIGINT)
         stdout, stderr = run.communicate(timeout=600)
     finally:
