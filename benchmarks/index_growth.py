@@ -16,9 +16,11 @@ retrieves from the whole database, compared with the model retrained on everythi
   retrained_joint    the model trained on everything, every item coded sign(u + v) by its networks
 Every method ranks the same database in the same order (the held-back items last, where index
 add appends them; ties go by that order). "self-retrieval": the fraction of added items that a
-query by their own image (text) ranks first. Then the time of the real `dudch index add` on the
-held-back drawings (a manifest of their SVG files, a cold feature cache, a sqlite registry) per
-1,000 items, against a retraining of teacher, similarity and student on cached features.
+query by their own image (text) ranks first, ranked as `dudch search` ranks (items as near by
+their agreement with the query's outputs before rounding, then by that order). Then the time
+of the real `dudch index add` on the held-back drawings (a manifest of their SVG files, a cold
+feature cache, a sqlite registry) per 1,000 items, against a retraining of teacher, similarity
+and student on cached features.
 """
 
 import argparse
@@ -55,11 +57,12 @@ def held_back(features, fraction, seed):
     return reduced, held
 
 
-def self_retrieval(query_codes, database_codes, rows):
-    """The fraction of queries i whose item, at database row rows[i], is ranked first (ties by row)."""
-    distances = (database_codes.shape[1] - query_codes.astype(np.int32) @ database_codes.astype(np.int32).T) // 2
-    first = np.argmin(distances, axis=1)  # the first row at the smallest distance
-    return float(np.mean(first == rows))
+def self_retrieval(query_outputs, database_codes, rows):
+    """The fraction of queries i whose item, at database row rows[i], `dudch search` ranks first:
+    query_outputs (q, bits) the queries' continuous outputs, ranked as `retrieval.HammingIndex`
+    ranks them (Hamming distance, then agreement with the outputs, then row)."""
+    index = retrieval.HammingIndex(retrieval.pack(database_codes), database_codes.shape[1])
+    return float(np.mean(index.search(query_outputs, 1)[1][:, 0] == rows))
 
 
 def compare(features, labels, info, bits, seed, fraction):
@@ -92,12 +95,10 @@ def compare(features, labels, info, bits, seed, fraction):
                                   reduced, labels, bits, curves=False)
     # Self-retrieval of the added items, by their own image and text queries.
     own_rows = np.arange(len(reduced["database"]), len(order))
-    own_image, own_text = evaluate.network_codes(small, features, held)
-    full_own = evaluate.network_codes(full, features, held)
-    selves = {name: dict(image=self_retrieval(own_image, b, own_rows), text=self_retrieval(own_text, b, own_rows))
-              for name, b in grown_db.items()}
-    selves.update({name: dict(image=self_retrieval(full_own[0], b, own_rows), text=self_retrieval(full_own[1], b, own_rows))
-                   for name, b in full_db.items()})
+    own = {"small": (np.tanh(h_image), np.tanh(h_text)),
+           "full": tuple(np.tanh(h) for h in nets.hash_outputs(full, image[held], text[held]))}
+    selves = {name: dict(image=self_retrieval(own[model][0], b, own_rows), text=self_retrieval(own[model][1], b, own_rows))
+              for model, databases in (("small", grown_db), ("full", full_db)) for name, b in databases.items()}
     return rows + not_grown, selves, retrain_seconds, small, small_codes, reduced, held
 
 
@@ -157,7 +158,9 @@ def markdown(result):
              f"{result['commit']}. Wall time: {result['wall_time_s'] / 60:.1f} min.",
              f"{result['held_back']} of {result['database']} database items ({result['fraction']:.0%}, seed "
              f"{result['seed']}) held back from training and then added; {result['queries']} queries. mAP@50 is "
-             f"DJSRH's calculate_top_map. Methods: see the benchmark's docstring.", "",
+             f"DJSRH's calculate_top_map. Methods: see the benchmark's docstring. Self-retrieval: the share of "
+             f"added items that a query by their own image (text) ranks first, as `dudch search` ranks "
+             f"(Hamming distance, items as near by agreement with the query's outputs, then by row).", "",
              "| method | bits | I->T mAP@50 | I->T mAP@all | T->I mAP@50 | T->I mAP@all | self-retrieval by image | by text |",
              "|---|---|---|---|---|---|---|---|"]
     by = {(r["method"], r["bits"], r["direction"]): r for r in result["rows"]}

@@ -107,10 +107,10 @@ def hash_outputs(nets, image, text, batch_size=None):
     return _batched(nets, nets, image, text, batch_size=batch_size)
 
 
-def branch_codes(nets, modality, x, batch_size=None):
-    """Codes int8 (n, bits), exactly +-1, of one modality alone ("image" or "text"): what a
-    query needs. `x` is what that branch takes (features, or pixels for a fine-tuned image
-    branch); checked for shape and finite values."""
+def branch_outputs(nets, modality, x, batch_size=None):
+    """Continuous hash-layer outputs float32 (n, bits) of one modality alone ("image" or
+    "text"), before tanh and sign. `x` is what that branch takes (features, or pixels for a
+    fine-tuned image branch); checked for shape and finite values."""
     branch = {"image": nets.image, "text": nets.text}[modality]
     if modality == "text" or not nets.takes_pixels:
         width = nets.dims[f"{modality}_dim"]
@@ -119,7 +119,12 @@ def branch_codes(nets, modality, x, batch_size=None):
             raise DudchError(f"{modality} features must be (n, {width}), got {x.shape}")
         if not np.isfinite(x).all():
             raise DudchError(f"{modality} features contain NaN or infinite values")
-    return sign(_batched(nets, lambda batch: (branch(batch),), x, batch_size=batch_size)[0])
+    return _batched(nets, lambda batch: (branch(batch),), x, batch_size=batch_size)[0]
+
+
+def branch_codes(nets, modality, x, batch_size=None):
+    """Codes int8 (n, bits), exactly +-1, of one modality alone: the sign of `branch_outputs`."""
+    return sign(branch_outputs(nets, modality, x, batch_size))
 
 
 def sign(values):

@@ -1,5 +1,6 @@
 """Retrieval with trained codes: encode queries (raw text, image files or feature rows) with the
-student's networks, and rank the database by Hamming distance.
+student's networks, and rank the database by Hamming distance, items as near ordered by how
+much the query's output before rounding agrees with their codes.
 
 A `Retriever` is saved as a folder (`save`/`load`):
   student.pt     the student networks (`dudch.nets.save`)
@@ -31,18 +32,29 @@ def unpack(packed, bits):
     return np.unpackbits(packed, axis=1, count=bits).astype(np.int8) * 2 - 1
 
 
-def hamming_ranking(query_codes, database_codes, k):
-    """Brute force: (distances int (q, k), rows int (q, k)), nearest first, ties by row."""
-    q, d = np.asarray(query_codes, dtype=np.int32), np.asarray(database_codes, dtype=np.int32)
-    distances = (q.shape[1] - q @ d.T) // 2
-    rows = np.argsort(distances, axis=1, kind="stable")[:, :k]
+def agreement(query, codes):
+    """q . b for one query's outputs q float (bits,) and each code b of codes (m, bits): among
+    codes at one Hamming distance from sign(q), the larger, the more of q's weight lies on the
+    bits they share with it. Each row is summed alone, so equal codes score exactly equal."""
+    return (codes * np.asarray(query, dtype=np.float64)).sum(axis=1)
+
+
+def hamming_ranking(queries, database_codes, k):
+    """Brute force, the reference for `HammingIndex`: (distances int (q, k), rows int (q, k)),
+    nearest first, items as near by `agreement` with the query, then by row. queries (q, bits):
+    codes in {-1, +1} (whose ties then go by row alone) or continuous outputs."""
+    queries, codes = np.asarray(queries, dtype=np.float64), np.asarray(database_codes)
+    distances = (queries.shape[1] - nets.sign(queries).astype(np.int32) @ codes.astype(np.int32).T) // 2
+    rows = np.stack([np.lexsort((np.arange(len(codes)), -agreement(query, codes), d))[:k]
+                     for query, d in zip(queries, distances)])
     return np.take_along_axis(distances, rows, axis=1), rows
 
 
 class HammingIndex:
     """A faiss binary index over packed codes. "exact" (IndexBinaryFlat) by default; "hnsw" for
     databases over EXACT_LIMIT items (or when asked), approximate and much faster there.
-    Exact results equal `hamming_ranking`: ties at the k-th distance are broken by row."""
+    Exact results rank by Hamming distance, then by `agreement` (for +-1 queries the same for
+    every item as near, so those give `hamming_ranking`), then by row."""
 
     def __init__(self, packed, bits, method="auto"):
         import faiss
@@ -56,19 +68,21 @@ class HammingIndex:
         self.index = faiss.IndexBinaryFlat(width) if method == "exact" else faiss.IndexBinaryHNSW(width, 32)
         self.index.add(np.ascontiguousarray(packed, dtype=np.uint8))
 
-    def search(self, packed_queries, k):
-        """(distances int32 (q, k), rows int64 (q, k)), nearest first."""
+    def search(self, queries, k):
+        """(distances int32 (q, k), rows int64 (q, k)), nearest first. queries (q, bits): codes
+        in {-1, +1}, or a query's continuous outputs (their signs are its code)."""
         k = min(k, self.size)
-        queries = np.ascontiguousarray(packed_queries, dtype=np.uint8)
-        distances, rows = self.index.search(queries, k)
+        queries = np.asarray(queries, dtype=np.float64)
+        packed = np.ascontiguousarray(pack(nets.sign(queries)), dtype=np.uint8)
+        distances, rows = self.index.search(packed, k)
         if self.method != "exact":
             return distances, rows
         # faiss orders ties arbitrarily: take every item within the k-th distance, sort by
-        # (distance, row), keep k. Deterministic, and equal to the brute-force ranking.
+        # (distance, -agreement, row), keep k. Deterministic; ties that remain go by row.
         out_d, out_r = np.empty_like(distances), np.empty_like(rows)
         for i in range(len(queries)):  # faiss takes one (strict) radius per call
-            _, d, r = self.index.range_search(queries[i:i + 1], int(distances[i, -1]) + 1)
-            order = np.lexsort((r, d))[:k]
+            _, d, r = self.index.range_search(packed[i:i + 1], int(distances[i, -1]) + 1)
+            order = np.lexsort((r, -agreement(queries[i], unpack(self.packed[r], self.bits)), d))[:k]
             out_d[i], out_r[i] = d[order], r[order]
         return out_d, out_r
 
@@ -87,23 +101,32 @@ class Retriever:
         self.index = HammingIndex(packed, bits, index)
         self._image_encoder = None
 
-    def encode(self, texts=None, images=None, text_features=None, image_features=None):
-        """Codes int8 (n, bits) for exactly one kind of query: raw texts (list of str), images
-        (list of file paths or of the files' bytes), or feature rows (n, d) of either modality."""
+    def outputs(self, texts=None, images=None, text_features=None, image_features=None):
+        """The student's continuous outputs u = tanh(g(x)), float32 (n, bits) in (-1, 1), for
+        exactly one kind of query: raw texts (list of str), images (list of file paths or of the
+        files' bytes), or feature rows (n, d) of either modality. Their signs are the codes."""
         given = {k: v for k, v in dict(texts=texts, images=images, text_features=text_features,
                                        image_features=image_features).items() if v is not None}
         if len(given) != 1:
             raise DudchError("give exactly one of: texts, images, text_features, image_features")
         (kind, values), = given.items()
         if kind == "texts":
-            return nets.branch_codes(self.student, "text", self._text_features(list(values)))
-        if kind == "images":
-            return nets.branch_codes(self.student, "image", self._image_features(list(values)))
-        return nets.branch_codes(self.student, kind.split("_")[0], np.asarray(values, dtype=np.float32))
+            modality, x = "text", self._text_features(list(values))
+        elif kind == "images":
+            modality, x = "image", self._image_features(list(values))
+        else:
+            modality, x = kind.split("_")[0], np.asarray(values, dtype=np.float32)
+        return np.tanh(nets.branch_outputs(self.student, modality, x))
 
-    def search(self, codes, k=10):
-        """(Hamming distances, database rows) of the k nearest to each query code, nearest first."""
-        return self.index.search(pack(codes), k)
+    def encode(self, **query):
+        """Codes int8 (n, bits) of a query, as `outputs` takes it: the signs of its outputs."""
+        return nets.sign(self.outputs(**query))
+
+    def search(self, queries, k=10):
+        """(Hamming distances, database rows) of the k nearest to each query, nearest first:
+        queries are codes int8 (q, bits), or `outputs` (q, bits), which also order the items
+        as near by their agreement with the query (`agreement`)."""
+        return self.index.search(queries, k)
 
     def unknown_words(self, text):
         """The words of a text query that the model's bag-of-words vocabulary lacks (they are
@@ -118,8 +141,8 @@ class Retriever:
 
     def warnings(self, code, distances, text=None):
         """What a person should know about one query's results, in words: query words the model
-        does not know (for a text), and items that tie with the last one shown (their order is
-        only the database's). code: int8 (bits,); distances: the results' Hamming distances."""
+        does not know (for a text), and items at the last distance shown that did not make the
+        cut. code: int8 (bits,); distances: the results' Hamming distances."""
         from dudch.features import tokenize
 
         notes = []
@@ -134,8 +157,8 @@ class Retriever:
             cut = int(distances[-1])
             tied, shown = self.index.count_at(pack(code[None])[0], cut), int((np.asarray(distances) == cut).sum())
             if tied > shown:
-                notes.append(f"{tied} items tie at the cut-off distance {cut}; the results keep {shown} "
-                             f"of them, in database order, not by relevance")
+                notes.append(f"{tied} items tie at the cut-off distance {cut}; the results keep the {shown} "
+                             f"of them that agree most with the query before rounding")
         return "; ".join(notes)
 
     def _text_features(self, texts):

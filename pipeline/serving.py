@@ -193,8 +193,9 @@ class RetrievalModel:
     "image_features" (a list of floats). At most LIMITS["rows"] rows. It returns a DataFrame
     with "code" (0/1, one character per bit), "warning" (what the ranking does not show: unknown
     query words, an arbitrary ranking, ties at the cut-off; "" if none) and, when the `top_k`
-    parameter is 1 to 1000, "ids" (the nearest database items, nearest first), "distances"
-    (Hamming) and "texts".
+    parameter is 1 to 1000, "ids" (the nearest database items, nearest first; items as near in
+    the order of their agreement with the query's outputs before rounding, `dudch.retrieval`),
+    "distances" (Hamming) and "texts".
     """
 
     def __init__(self, retriever):
@@ -206,6 +207,8 @@ class RetrievalModel:
 
     @_refusing
     def predict(self, frame, params):
+        from dudch import nets
+
         top_k = params.get("top_k", 0)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= LIMITS["top_k"]:
             raise DudchError(f"top_k must be 1 to {LIMITS['top_k']} (0: codes only), got {top_k!r}")
@@ -217,21 +220,22 @@ class RetrievalModel:
         texts = [None] * len(values)
         if column == "text":
             texts = [_text(v) for v in values]
-            codes = self.retriever.encode(texts=texts)
+            outputs = self.retriever.outputs(texts=texts)
         elif column == "image_b64":
             images = [_image_bytes(i, v) for i, v in enumerate(values)]
             if sum(map(len, images)) > LIMITS["request_image_bytes"]:
                 raise DudchError(f"{sum(map(len, images)) / 2**20:.0f} MiB of images in one request; at most "
                                  f"{LIMITS['request_image_bytes'] // 2**20} MiB: send them in several requests")
-            codes = self.retriever.encode(images=images)
+            outputs = self.retriever.outputs(images=images)
         elif column == "image":
-            codes = self.retriever.encode(images=[_server_image(v) for v in values])
+            outputs = self.retriever.outputs(images=[_server_image(v) for v in values])
         else:
-            codes = self.retriever.encode(**{column: _feature_rows(values)})
+            outputs = self.retriever.outputs(**{column: _feature_rows(values)})
+        codes = nets.sign(outputs)
         out = pd.DataFrame({"code": _code_strings(codes)})
         distances = [[]] * len(codes)
         if top_k > 0:
-            distances, rows = self.retriever.search(codes, int(top_k))
+            distances, rows = self.retriever.search(outputs, int(top_k))
             out["ids"] = [self.retriever.item_id[r].tolist() for r in rows]
             out["distances"] = [d.astype(int).tolist() for d in distances]
             out["texts"] = [self.retriever.text[r].tolist() for r in rows]

@@ -95,22 +95,27 @@ def test_the_grown_database_is_the_parent_plus_the_new_items_coded_by_the_networ
 
 
 def test_search_finds_each_added_drawing_by_its_own_text_and_image(grown):
-    """Every added item is found by a query with its own text and with its own image, ranked by
-    Hamming distance like every other item: after every item strictly nearer, and after the
-    items as near that the database held before (ties go by database order)."""
+    """Every added item is found by a query with its own text and with its own image, ranked
+    like every other item: after every item strictly nearer in Hamming distance, and among the
+    items as near by its agreement with the query's outputs (then by database order)."""
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
+    retriever = model.get_raw_model()
     folder, records = Path(grown["manifest"]).parent, grown["records"]
-    database = model.get_raw_model().database_codes().astype(int)
-    row_of = {item: row for row, item in enumerate(model.get_raw_model().item_id.tolist())}
-    for column, values in (("text", [r["text"] for r in records]),
-                           ("image_b64", [base64.b64encode((folder / r["image"]).read_bytes()).decode() for r in records])):
+    database = retriever.database_codes()
+    row_of = {item: row for row, item in enumerate(retriever.item_id.tolist())}
+    images = [(folder / r["image"]).read_bytes() for r in records]
+    for column, values, outputs in (("text", [r["text"] for r in records], retriever.outputs(texts=[r["text"] for r in records])),
+                                    ("image_b64", [base64.b64encode(i).decode() for i in images], retriever.outputs(images=images))):
         found = model.predict(pd.DataFrame({column: values}), params={"top_k": len(database)})
-        for record, ids, distances, code in zip(records, found["ids"], found["distances"], found["code"]):
-            query = np.array([1 if bit == "1" else -1 for bit in code])
-            every = (database.shape[1] - database @ query) // 2
-            own_row = row_of[record["image"]]
-            expected_rank = int((every < every[own_row]).sum() + (every[:own_row] == every[own_row]).sum())
-            assert ids.index(record["image"]) == expected_rank and distances[expected_rank] == every[own_row]
+        for record, ids, distances, code, output in zip(records, found["ids"], found["distances"], found["code"], outputs):
+            assert code == "".join("1" if u >= 0 else "0" for u in output)
+            every = (database.shape[1] - database.astype(int) @ nets.sign(output).astype(int)) // 2
+            score = retrieval.agreement(output, database)
+            own = row_of[record["image"]]
+            as_near = every == every[own]
+            expected_rank = int((every < every[own]).sum() + (as_near & (score > score[own])).sum()
+                                + (as_near & (score == score[own]))[:own].sum())
+            assert ids.index(record["image"]) == expected_rank and distances[expected_rank] == every[own]
     by_text = dudch("search", "--text", records[0]["text"], "--model", f"models:/{NAME}/2", "--top", "1000",
                     env=grown["env"])
     assert by_text.returncode == 0 and records[0]["image"] in by_text.stdout, by_text.stderr[-2000:]

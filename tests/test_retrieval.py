@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from dudch import DudchError
-from dudch.retrieval import HammingIndex, hamming_ranking, pack, unpack
+from dudch import DudchError, nets
+from dudch.retrieval import HammingIndex, agreement, hamming_ranking, pack, unpack
 
 
 def codes(n, bits, seed):
@@ -18,15 +18,37 @@ def test_pack_round_trip_is_bit_packed():
 @pytest.mark.parametrize("bits", [8, 16, 64])
 def test_exact_index_equals_brute_force_even_with_many_ties(bits):
     database, queries = codes(3000, bits, 1), codes(40, bits, 2)
-    distances, rows = HammingIndex(pack(database), bits).search(pack(queries), 25)
+    distances, rows = HammingIndex(pack(database), bits).search(queries, 25)
     expected_d, expected_r = hamming_ranking(queries, database, 25)
     np.testing.assert_array_equal(distances, expected_d)
     np.testing.assert_array_equal(rows, expected_r)
 
 
+def test_continuous_queries_order_items_as_near_by_their_agreement_then_by_row():
+    database = codes(3000, 16, 7)
+    outputs = np.tanh(np.random.default_rng(8).normal(size=(30, 16)))
+    distances, rows = HammingIndex(pack(database), 16).search(outputs, 200)
+    expected_d, expected_r = hamming_ranking(outputs, database, 200)
+    np.testing.assert_array_equal(distances, expected_d)
+    np.testing.assert_array_equal(rows, expected_r)
+    for query, d, r in zip(outputs, distances, rows):
+        assert (np.diff(d) >= 0).all()
+        score = agreement(query, database[r])
+        same = d[1:] == d[:-1]
+        assert (score[1:][same] <= score[:-1][same]).all()
+        equal = same & (score[1:] == score[:-1])  # equal codes: by row
+        assert (r[1:][equal] > r[:-1][equal]).all()
+    # The agreement is what decides between two codes at one distance: the bit where the query
+    # is least sure is the one to differ on.
+    query = np.array([0.9, 0.1, 0.8, 0.7])
+    pair = np.array([[1, 1, -1, 1], [1, -1, 1, 1]], dtype=np.int8)  # both at distance 1
+    assert HammingIndex(pack(pair), 4).search(query[None], 2)[1].tolist() == [[1, 0]]
+    assert HammingIndex(pack(pair), 4).search(nets.sign(query)[None], 2)[1].tolist() == [[0, 1]]
+
+
 def test_hnsw_index_finds_near_neighbours():
     database = codes(2000, 64, 3)
-    distances, rows = HammingIndex(pack(database), 64, method="hnsw").search(pack(database[:20]), 5)
+    distances, rows = HammingIndex(pack(database), 64, method="hnsw").search(database[:20], 5)
     assert (rows[:, 0] == np.arange(20)).mean() >= 0.9 and (distances[:, 0] == 0).mean() >= 0.9
     with pytest.raises(DudchError, match="unknown index"):
         HammingIndex(pack(database), 64, method="lsh")
@@ -50,6 +72,6 @@ def test_warnings_name_unknown_words_and_ties_at_the_cut_off():
     distances, _ = retriever.search(query[None], 4)
     note = retriever.warnings(query, distances[0], "cat owl night")
     assert note == ("not in the model's vocabulary of 2 words, ignored: owl, night; 10 items tie at the "
-                    "cut-off distance 0; the results keep 4 of them, in database order, not by relevance")
+                    "cut-off distance 0; the results keep the 4 of them that agree most with the query before rounding")
     assert retriever.warnings(query, [], "owl").startswith("no query word is in the model's vocabulary")
     assert retriever.warnings(query, distances[0][:0], "cat dog") == ""
