@@ -185,7 +185,7 @@ def markdown(result):
     same = result["shared_query"]
     lines += ["", f"Of the added items, {same['image']:.0%} share their image features and {same['text']:.0%} their "
               f"bag-of-words with another database item (duplicate drawings; the same tags within the vocabulary): "
-              f"for those, their own query is also the other item's, and ranking first is a tie broken by the codes.",
+              f"for those, their own query is just as much the other item's, and the two items' codes decide which comes first.",
               "", "Grown minus retrained, points (mAP@50 / mAP@all):", ""]
     for bits in result["bits"]:
         gaps = [f"{d} {100 * (by[('grown', bits, d)]['map_50'] - by[('retrained', bits, d)]['map_50']):+.2f} / "
