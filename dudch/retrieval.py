@@ -157,8 +157,9 @@ class Retriever:
             cut = int(distances[-1])
             tied, shown = self.index.count_at(pack(code[None])[0], cut), int((np.asarray(distances) == cut).sum())
             if tied > shown:
-                notes.append(f"{tied} items tie at the cut-off distance {cut}; the results keep the {shown} "
-                             f"of them that agree most with the query before rounding")
+                kept = "the one of them that agrees" if shown == 1 else f"the {shown} of them that agree"
+                notes.append(f"{tied} items tie at the cut-off distance {cut}; the results keep {kept} most "
+                             f"with the query before rounding")
         return "; ".join(notes)
 
     def _text_features(self, texts):

@@ -148,7 +148,10 @@ def _parser():
     promote.set_defaults(handler=_promote)
 
     search = commands.add_parser("search", help="retrieve database items with a registered model",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 description="List the database items nearest a text or an image: by "
+                                 "Hamming distance to the query's code, items as near by how much the "
+                                 "query's outputs before rounding agree with their codes, then in "
+                                 "database order.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     search.add_argument("--model", default="models:/dudch@production", help="a model URI")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query (tags or a sentence)")
