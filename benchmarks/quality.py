@@ -8,11 +8,14 @@ distinct database codes.
     .venv/bin/python benchmarks/quality.py           # -> benchmarks/results/quality-openclipart.{json,md}
     .venv/bin/python benchmarks/quality.py --tune    # -> benchmarks/results/tuning-openclipart.{json,md}
     .venv/bin/python benchmarks/quality.py --tune-ucch --bits 64  # -> benchmarks/results/tuning-ucch-openclipart.*
+    .venv/bin/python benchmarks/quality.py --design "graded 1%/10%"  # -> ...quality-openclipart-graded-1-10.*
 
 `--tune` scores every design in DESIGNS on the validation split (validation items querying the
 database without them), never on the queries; the student's defaults were chosen from it.
 `--tune-ucch` does the same for UCCH_DESIGNS (UCCH's own settings, then the student distilled
 from it from each similarity source); UCCH's defaults were chosen from it.
+`--design` reruns the quality table with the student and student_raw_sim trained as one of
+DESIGNS instead of the defaults: the query-set check of a design the tuning prefers.
 Teachers are cached in .dudch/bench/teachers by the prepared features' digest and the teacher's
 config, so tuning, reruns and the main run train each teacher once. Same functions as the
 pipeline's stages (dudch.*), without KFP or MLflow around them.
@@ -24,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -118,23 +122,25 @@ def prepared(seed, max_items):
                            prepare.PrepareConfig(seed=seed, max_items=max_items), progress=False)
 
 
-def quality_cell(seed, bits, ablations, max_items, threads):
+def quality_cell(seed, bits, ablations, max_items, threads, design):
     """One (seed, bits) cell of the quality table, in a worker process: (score rows, dataset info)."""
     torch.set_num_threads(threads)
     features, labels, info = prepared(seed, max_items)
-    return run_seed(features, labels, info, bits, seed, ablations), info
+    return run_seed(features, labels, info, bits, seed, ablations, design), info
 
 
-def run_seed(features, labels, info, bits, seed, ablations):
-    """Every method at one bit length and seed on the query set: score rows."""
+def run_seed(features, labels, info, bits, seed, ablations, design=None):
+    """Every method at one bit length and seed on the query set: score rows. design: a name in
+    DESIGNS that the student and student_raw_sim follow instead of the defaults."""
+    graph_settings, student_settings = next((g, s) for n, g, s in DESIGNS if n == design) if design else ({}, {})
     teachers = {"djsrh": cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed)),
                 "ucch": cached_teacher(features, info, UCCHConfig(bits=bits, seed=seed))}
     (other,) = set(teachers) - {DEFAULT_TEACHER}
-    config = StudentConfig(bits=bits, seed=seed)
-    distilled = graph_for(features, teachers[DEFAULT_TEACHER])
+    config = StudentConfig(bits=bits, seed=seed, **student_settings)
+    distilled = graph_for(features, teachers[DEFAULT_TEACHER], **graph_settings)
     student, codes = train_student(features, distilled, config)
     raw_config = replace(config, init="zeros")  # no teacher, so no teacher codes to start from
-    raw, raw_codes = train_student(features, graph_for(features, None, source="raw"), raw_config)
+    raw, raw_codes = train_student(features, graph_for(features, None, **dict(graph_settings, source="raw")), raw_config)
     codes_by_method = {"teacher": evaluate.teacher_codes(teachers["djsrh"], features),
                        "ucch": evaluate.teacher_codes(teachers["ucch"], features),
                        **evaluate.student_codes(student, codes, features),
@@ -241,6 +247,11 @@ def cells(r, std=True):
     return f"{r['map_50']:.3f}{spread('map_50')} | {r['map_all']:.3f}{spread('map_all')} | {r['distinct_codes']:.2f}"
 
 
+def slug(design):
+    """'graded 1%/10%' -> 'graded-1-10': a design's name as a file name."""
+    return "-".join("".join(c if c.isalnum() else " " for c in design.split("(")[0]).split())
+
+
 def markdown(result):
     lines = ["# Quality on OpenClipart", "", *header(result, "Query set"),
              f"Mean +- std over seeds {result['seeds']} (ablations and CCA-ITQ: seeds {result['ablation_seeds']}). "
@@ -262,6 +273,9 @@ def markdown(result):
             lines.append(f"| {pair.replace('-', ' - ')} | {metric} | {direction} | "
                          + " | ".join(f"{g:+.2f}" for g in m["per_bits"].values())
                          + f" | {m['mean_points']:+.2f} | {m['at_or_above_at_every_bits']} |")
+    if result.get("design"):
+        lines += ["", f"The student and student_raw_sim follow the design \"{result['design']}\" of "
+                  "benchmarks/quality.py's DESIGNS, not the defaults below."]
     lines += ["", "Settings (the defaults of `dudch params`):", "", "```json",
               json.dumps(result["hyperparameters"], indent=2), "```", ""]
     return "\n".join(lines)
@@ -310,6 +324,9 @@ def main():
     parser.add_argument("--tune", action="store_true", help="score DESIGNS on the validation split (first seed)")
     parser.add_argument("--tune-ucch", action="store_true", help="score UCCH_DESIGNS and the student from "
                         "each of UCCH's similarity sources on the validation split (first seed)")
+    parser.add_argument("--design", choices=[name for name, _, _ in DESIGNS], help="train the student and "
+                        "student_raw_sim as this design of DESIGNS instead of the defaults (output: "
+                        "quality-openclipart-<design>)")
     parser.add_argument("--max-items", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the (seed, bits) cells, "
                         "each with cores / jobs torch threads (results can differ in the last digits with "
@@ -333,7 +350,7 @@ def main():
                        key=lambda c: not c[2])
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(quality_cell, *cell, args.max_items, threads) for cell in cells]
+            futures = [pool.submit(quality_cell, *cell, args.max_items, threads, args.design) for cell in cells]
             for (seed, bits, _), future in zip(cells, futures):
                 cell_rows, info = future.result()
                 rows += cell_rows
@@ -343,9 +360,10 @@ def main():
     result = dict(
         dataset=dict(name="openclipart", items=info["items"], num_labels=info["num_labels"], split=info["split"]),
         machine=machine(),
-        command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", *sys.argv[1:]]),
+        command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", shlex.join(sys.argv[1:])]).strip(),
         commit=commit,
         wall_time_s=time.time() - started, seeds=args.seeds[:1] if tuning else args.seeds, jobs=args.jobs,
+        design=args.design,
         ablation_seeds=args.ablation_seeds, bits=args.bits,
         hyperparameters=dict(teacher=asdict(TeacherConfig()), ucch=asdict(UCCHConfig()), student=asdict(StudentConfig()),
                              similarity=dict(source=similarity.DEFAULT_SOURCE, rule=similarity.DEFAULT_RULE,
@@ -362,7 +380,8 @@ def main():
     else:
         table = aggregate(rows)
         result.update(table=table, comparison=comparison(table, args.bits), rows=rows)
-        out, text = args.out or ROOT / "benchmarks" / "results" / "quality-openclipart", markdown(result)
+        name = "quality-openclipart" + (f"-{slug(args.design)}" if args.design else "")
+        out, text = args.out or ROOT / "benchmarks" / "results" / name, markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(text)
