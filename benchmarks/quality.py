@@ -129,10 +129,10 @@ def quality_cell(seed, bits, ablations, max_items, threads, design):
     return run_seed(features, labels, info, bits, seed, ablations, design), info
 
 
-def run_seed(features, labels, info, bits, seed, ablations, design=None):
-    """Every method at one bit length and seed on the query set: score rows. design: a name in
-    DESIGNS that the student and student_raw_sim follow instead of the defaults."""
-    graph_settings, student_settings = next((g, s) for n, g, s in DESIGNS if n == design) if design else ({}, {})
+def run_seed(features, labels, info, bits, seed, ablations, design=({}, {})):
+    """Every method at one bit length and seed on the query set: score rows. design: the (graph,
+    student) settings of one of DESIGNS, which the student and student_raw_sim follow."""
+    graph_settings, student_settings = design
     teachers = {"djsrh": cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed)),
                 "ucch": cached_teacher(features, info, UCCHConfig(bits=bits, seed=seed))}
     (other,) = set(teachers) - {DEFAULT_TEACHER}
@@ -349,8 +349,9 @@ def main():
         cells = sorted(((seed, bits, seed in args.ablation_seeds) for seed in args.seeds for bits in args.bits),
                        key=lambda c: not c[2])
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        design = {name: (graph, student) for name, graph, student in DESIGNS}.get(args.design, ({}, {}))
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(quality_cell, *cell, args.max_items, threads, args.design) for cell in cells]
+            futures = [pool.submit(quality_cell, *cell, args.max_items, threads, design) for cell in cells]
             for (seed, bits, _), future in zip(cells, futures):
                 cell_rows, info = future.result()
                 rows += cell_rows
@@ -360,7 +361,7 @@ def main():
     result = dict(
         dataset=dict(name="openclipart", items=info["items"], num_labels=info["num_labels"], split=info["split"]),
         machine=machine(),
-        command=" ".join(["make data && .venv/bin/python benchmarks/quality.py", shlex.join(sys.argv[1:])]).strip(),
+        command="make data && .venv/bin/python " + shlex.join(["benchmarks/quality.py", *sys.argv[1:]]),
         commit=commit,
         wall_time_s=time.time() - started, seeds=args.seeds[:1] if tuning else args.seeds, jobs=args.jobs,
         design=args.design,
