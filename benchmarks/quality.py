@@ -155,7 +155,24 @@ def run_seed(features, labels, info, bits, seed, ablations, design=({}, {})):
                                cca_itq=evaluate.cca_itq_codes(cca, features),
                                student_relaxed=evaluate.student_codes(relaxed, relaxed_codes, features)["student"])
     rows, _ = evaluate.score(codes_by_method, features, labels, bits, curves=False)
-    return [dict(r, seed=seed) for r in rows]
+    return [dict(r, seed=seed) for r in rows + by_query_text(codes_by_method, features, labels, bits)]
+
+
+# T->I over two parts of the query set: texts with no word of the bag-of-words vocabulary (one
+# code for all of them, whatever the method) and texts with at least one.
+QUERY_TEXT_GROUPS = ("t2i_no_words", "t2i_words")
+
+
+def by_query_text(codes_by_method, features, labels, bits):
+    """T->I score rows of each method over each of QUERY_TEXT_GROUPS (as their direction)."""
+    query = features["query"]
+    worded = features["text"][query].any(axis=1)
+    rows = []
+    for group, keep in zip(QUERY_TEXT_GROUPS, (~worded, worded)):
+        subset = {method: {"t2i": (codes["t2i"][0][keep], codes["t2i"][1])} for method, codes in codes_by_method.items()}
+        scored, _ = evaluate.score(subset, dict(features, query=query[keep]), labels, bits, curves=False)
+        rows += [dict(r, direction=group, queries=int(keep.sum())) for r in scored]
+    return rows
 
 
 def tune(features, labels, info, bits, seed):
@@ -206,7 +223,8 @@ def aggregate(rows, by=("method", "bits", "direction")):
         groups.setdefault(tuple(r[k] for k in by), []).append(r)
     return [dict(zip(by, key), seeds=len(group),
                  **{m: float(np.mean([r[m] for r in group])) for m in (*GATED, "distinct_codes")},
-                 **{f"{m}_std": float(np.std([r[m] for r in group])) for m in GATED})
+                 **{f"{m}_std": float(np.std([r[m] for r in group])) for m in GATED},
+                 **({"queries": float(np.mean([r["queries"] for r in group]))} if "queries" in group[0] else {}))
             for key, group in groups.items()]
 
 
@@ -215,18 +233,18 @@ GAPS = [("student", "teacher"), ("student", "ucch"), ("student_inductive", "ucch
         ("student", "student_raw_sim"), ("student_from_ucch", "ucch"), ("student_from_djsrh", "teacher")]
 
 
-def comparison(table, bits_list):
+def comparison(table, bits_list, directions=evaluate.DIRECTIONS):
     """{"method-reference": {"metric.direction": gains}} for each pair in GAPS present in the
     table: method minus reference in points per bit length, their mean, and whether the method
     is at or above at every length."""
     value = {(r["method"], r["bits"], r["direction"]): r for r in table}
     out = {}
     for method, reference in GAPS:
-        if not all((m, b, "i2t") in value for m in (method, reference) for b in bits_list):
+        if not all((m, b, directions[0]) in value for m in (method, reference) for b in bits_list):
             continue
         gaps = out.setdefault(f"{method}-{reference}", {})
         for metric in GATED:
-            for direction in evaluate.DIRECTIONS:
+            for direction in directions:
                 gains = [100 * (value[(method, b, direction)][metric] - value[(reference, b, direction)][metric])
                          for b in bits_list]
                 gaps[f"{metric}.{direction}"] = dict(mean_points=float(np.mean(gains)),
@@ -264,21 +282,42 @@ def markdown(result):
             if (method, bits, "i2t") in by:
                 lines.append(f"| {method} | {bits} | {cells(by[(method, bits, 'i2t')])} | {cells(by[(method, bits, 't2i')])} |")
     lines += ["", "Differences in points (method minus reference), per bit length and averaged over lengths "
-              "(student_from_*: the ablation seeds):", "",
-              "| method - reference | metric | direction | " + " | ".join(f"{b} bits" for b in result["bits"])
-              + " | mean | at or above at every length |", "|---|---|---|" + "---|" * (len(result["bits"]) + 2)]
-    for pair, gaps in result["comparison"].items():
-        for key, m in gaps.items():
-            metric, direction = key.split(".")
-            lines.append(f"| {pair.replace('-', ' - ')} | {metric} | {direction} | "
-                         + " | ".join(f"{g:+.2f}" for g in m["per_bits"].values())
-                         + f" | {m['mean_points']:+.2f} | {m['at_or_above_at_every_bits']} |")
+              "(student_from_*: the ablation seeds):", "", *gap_table(result["comparison"], result["bits"])]
+    if result.get("comparison_by_query_text"):
+        groups = [r for r in result["table"] if r["direction"] in QUERY_TEXT_GROUPS]
+        counts = {r["direction"]: r["queries"] for r in groups}
+        lines += ["", f"T->I by the query's text: t2i_no_words, the queries whose text has no word of the "
+                  f"bag-of-words vocabulary ({counts['t2i_no_words']:.0f} per seed on average; every method gives "
+                  f"them all one code); t2i_words, the others ({counts['t2i_words']:.0f}).", "",
+                  "| method | bits | no words mAP@50 | no words mAP@all | words mAP@50 | words mAP@all |",
+                  "|---|---|---|---|---|---|"]
+        by = {(r["method"], r["bits"], r["direction"]): r for r in groups}
+        spread = lambda r, m: f"{r[m]:.3f}" + (f" +- {r[m + '_std']:.3f}" if r["seeds"] > 1 else "")
+        for method in METHODS:
+            for bits in result["bits"]:
+                if (method, bits, QUERY_TEXT_GROUPS[0]) in by:
+                    lines.append(f"| {method} | {bits} | " + " | ".join(
+                        spread(by[(method, bits, g)], m) for g in QUERY_TEXT_GROUPS for m in ("map_50", "map_all")) + " |")
+        lines += ["", "Their differences in points:", "", *gap_table(result["comparison_by_query_text"], result["bits"])]
     if result.get("design"):
         lines += ["", f"The student and student_raw_sim follow the design \"{result['design']}\" of "
                   "benchmarks/quality.py's DESIGNS, not the defaults below."]
     lines += ["", "Settings (the defaults of `dudch params`):", "", "```json",
               json.dumps(result["hyperparameters"], indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def gap_table(comparison_result, bits_list):
+    """The markdown rows of a comparison(): one per pair, metric and direction."""
+    lines = ["| method - reference | metric | direction | " + " | ".join(f"{b} bits" for b in bits_list)
+             + " | mean | at or above at every length |", "|---|---|---|" + "---|" * (len(bits_list) + 2)]
+    for pair, gaps in comparison_result.items():
+        for key, m in gaps.items():
+            metric, direction = key.split(".")
+            lines.append(f"| {pair.replace('-', ' - ')} | {metric} | {direction} | "
+                         + " | ".join(f"{g:+.2f}" for g in m["per_bits"].values())
+                         + f" | {m['mean_points']:+.2f} | {m['at_or_above_at_every_bits']} |")
+    return lines
 
 
 def tuning_markdown(result, title="Student designs"):
@@ -380,7 +419,8 @@ def main():
         text = tuning_markdown(result, "UCCH and the student distilled from it")
     else:
         table = aggregate(rows)
-        result.update(table=table, comparison=comparison(table, args.bits), rows=rows)
+        result.update(table=table, comparison=comparison(table, args.bits),
+                      comparison_by_query_text=comparison(table, args.bits, QUERY_TEXT_GROUPS), rows=rows)
         name = "quality-openclipart" + (f"-{slug(args.design)}" if args.design else "")
         out, text = args.out or ROOT / "benchmarks" / "results" / name, markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
