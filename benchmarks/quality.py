@@ -261,9 +261,13 @@ def header(result, what):
             f"{result['dataset']['split']['database']} items; {result['dataset']['num_labels']} labels.", ""]
 
 
+def with_spread(r, metric, std=True):
+    """'0.612 +- 0.015': a metric of a table row, with its std over seeds when there are several."""
+    return f"{r[metric]:.3f}" + (f" +- {r[metric + '_std']:.3f}" if std and r.get("seeds", 1) > 1 else "")
+
+
 def cells(r, std=True):
-    spread = lambda m: f" +- {r[m + '_std']:.3f}" if std and r.get("seeds", 1) > 1 else ""
-    return f"{r['map_50']:.3f}{spread('map_50')} | {r['map_all']:.3f}{spread('map_all')} | {r['distinct_codes']:.2f}"
+    return f"{with_spread(r, 'map_50', std)} | {with_spread(r, 'map_all', std)} | {r['distinct_codes']:.2f}"
 
 
 def slug(design):
@@ -293,12 +297,11 @@ def markdown(result):
                   "| method | bits | no words mAP@50 | no words mAP@all | words mAP@50 | words mAP@all |",
                   "|---|---|---|---|---|---|"]
         by = {(r["method"], r["bits"], r["direction"]): r for r in groups}
-        spread = lambda r, m: f"{r[m]:.3f}" + (f" +- {r[m + '_std']:.3f}" if r["seeds"] > 1 else "")
         for method in METHODS:
             for bits in result["bits"]:
                 if (method, bits, QUERY_TEXT_GROUPS[0]) in by:
                     lines.append(f"| {method} | {bits} | " + " | ".join(
-                        spread(by[(method, bits, g)], m) for g in QUERY_TEXT_GROUPS for m in ("map_50", "map_all")) + " |")
+                        with_spread(by[(method, bits, g)], m) for g in QUERY_TEXT_GROUPS for m in ("map_50", "map_all")) + " |")
         lines += ["", "Their differences in points:", "", *gap_table(result["comparison_by_query_text"], result["bits"])]
     if result.get("design"):
         lines += ["", f"The student and student_raw_sim follow the design \"{result['design']}\" of "
