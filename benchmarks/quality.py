@@ -176,6 +176,16 @@ def by_query_text(codes_by_method, features, labels, bits):
     return rows
 
 
+def query_text_counts(rows):
+    """{group: {seed: queries}}: how many queries each of QUERY_TEXT_GROUPS holds, per seed (the
+    split, and so the query set, depends on the seed)."""
+    counts = {}
+    for r in rows:
+        if r["direction"] in QUERY_TEXT_GROUPS:
+            counts.setdefault(r["direction"], {})[str(r["seed"])] = r["queries"]
+    return counts
+
+
 def tune(features, labels, info, bits, seed):
     """Every design in DESIGNS on the validation split: score rows with the design's name."""
     teacher = cached_teacher(features, info, TeacherConfig(bits=bits, seed=seed))
@@ -224,8 +234,7 @@ def aggregate(rows, by=("method", "bits", "direction")):
         groups.setdefault(tuple(r[k] for k in by), []).append(r)
     return [dict(zip(by, key), seeds=len(group),
                  **{m: float(np.mean([r[m] for r in group])) for m in (*GATED, "distinct_codes")},
-                 **{f"{m}_std": float(np.std([r[m] for r in group])) for m in GATED},
-                 **({"queries": float(np.mean([r["queries"] for r in group]))} if "queries" in group[0] else {}))
+                 **{f"{m}_std": float(np.std([r[m] for r in group])) for m in GATED})
             for key, group in groups.items()]
 
 
@@ -290,10 +299,11 @@ def markdown(result):
               "(student_from_*: the ablation seeds):", "", *gap_table(result["comparison"], result["bits"])]
     if result.get("comparison_by_query_text"):
         groups = [r for r in result["table"] if r["direction"] in QUERY_TEXT_GROUPS]
-        counts = {r["direction"]: r["queries"] for r in groups}
+        per_seed = lambda group: (f"seeds {', '.join(result['query_text_counts'][group])}: "
+                                  + ", ".join(map(str, result["query_text_counts"][group].values())) + " queries")
         lines += ["", f"T->I by the query's text: t2i_no_words, the queries whose text has no word of the "
-                  f"bag-of-words vocabulary ({counts['t2i_no_words']:.0f} per seed on average; every method gives "
-                  f"them all one code); t2i_words, the others ({counts['t2i_words']:.0f}).", "",
+                  f"bag-of-words vocabulary ({per_seed('t2i_no_words')}; every method gives them all one code); "
+                  f"t2i_words, the others ({per_seed('t2i_words')}).", "",
                   "| method | bits | no words mAP@50 | no words mAP@all | words mAP@50 | words mAP@all |",
                   "|---|---|---|---|---|---|"]
         by = {(r["method"], r["bits"], r["direction"]): r for r in groups}
@@ -424,7 +434,8 @@ def main():
     else:
         table = aggregate(rows)
         result.update(table=table, comparison=comparison(table, args.bits),
-                      comparison_by_query_text=comparison(table, args.bits, QUERY_TEXT_GROUPS), rows=rows)
+                      comparison_by_query_text=comparison(table, args.bits, QUERY_TEXT_GROUPS),
+                      query_text_counts=query_text_counts(rows), rows=rows)
         name = "quality-openclipart" + (f"-{slug(args.design)}" if args.design else "")
         out, text = args.out or ROOT / "benchmarks" / "results" / name, markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
