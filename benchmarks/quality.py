@@ -82,7 +82,8 @@ DESIGNS = [
     ("graded 1%/20%, lr / 10 every 10 iterations", {}, dict(lr_step=10)),
     ("graded 1%/10%", dict(related_fraction=0.1), {}),
     ("graded 2%/20%", dict(parameter=0.02), {}),
-    ("graded 1%/20%, gamma 800", {}, dict(gamma=800.0)),
+    ("graded 1%/20%, gamma 200 as ADSH (before)", {}, dict(gamma=200.0)),
+    ("graded 1%/20%, gamma 1600", {}, dict(gamma=1600.0)),
     ("graded 1%/20% (default)", {}, {}),
 ]
 

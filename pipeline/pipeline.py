@@ -121,7 +121,7 @@ def dudch_pipeline(
         student_inner_epochs: network epochs over Omega per outer iteration (ADSH: 3).
         omega_size: items sampled per outer iteration (ADSH: 2,000).
         student_batch_size: network batch size.
-        gamma: weight tying the networks' outputs to the binary codes (ADSH: 200).
+        gamma: weight tying the networks' outputs to the binary codes (ADSH: 200; 800 won on the validation split).
         soft_constraint: ADSH's class balance: similar pairs weigh +1, dissimilar -r with r = similar / dissimilar mass.
         student_optimizer: sgd (ADSH) or adam.
         student_lr: the student networks' learning rate (ADSH: 1e-3).
