@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from dudch.student import StudentConfig
 from tests.conftest import BITS, STUDENT_ITERATIONS, TEACHER_EPOCHS
 from tests.helpers import ROOT, dudch
 
@@ -29,7 +30,7 @@ def test_parent_run_is_the_row_to_compare(pipeline_run, parent):
     client = pipeline_run["client"]
     declared = [line.split()[0] for line in dudch("params").stdout.splitlines()]
     assert set(parent.data.params) == set(declared) | {"dataset", "data_version"}
-    assert parent.data.params["gamma"] == "200.0" and parent.data.params["similarity_rule"] == "graded"
+    assert parent.data.params["gamma"] == str(StudentConfig.gamma) and parent.data.params["similarity_rule"] == "graded"
     assert parent.info.run_name.startswith("openclipart 16-32b ")
     (evaluation,) = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = "
                                        f"'{parent.info.run_id}' and tags.`dudch.stage` = 'evaluate' and tags.`dudch.bits` = '32'")
