@@ -16,14 +16,17 @@ retrieves from the whole database, compared with the model retrained on everythi
   retrained_joint    the model trained on everything, every item coded sign(u + v) by its networks
 Every method ranks the same database in the same order (the held-back items last, where index
 add appends them; ties go by that order). "self-retrieval": the fraction of added items that a
-query by their own image (text) ranks first, ranked as `dudch search` ranks (items as near by
-their agreement with the query's outputs before rounding, then by that order). Then the time
+query by their own image (text) ranks first: by the codes alone (Hamming distance, items as
+near by their agreement with the query's outputs before rounding, then by that order), and as
+`dudch search` ranks, the items that hold exactly the query (the same image file, the same
+text) first. Then the time
 of the real `dudch index add` on the held-back drawings (a manifest of their SVG files, a cold
 feature cache, a sqlite registry) per 1,000 items, against a retraining of teacher, similarity
 and student on cached features.
 """
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -57,12 +60,12 @@ def held_back(features, fraction, seed):
     return reduced, held
 
 
-def self_retrieval(query_outputs, database_codes, rows):
-    """The fraction of queries i whose item, at database row rows[i], `dudch search` ranks first:
-    query_outputs (q, bits) the queries' continuous outputs, ranked as `retrieval.HammingIndex`
-    ranks them (Hamming distance, then agreement with the outputs, then row)."""
-    index = retrieval.HammingIndex(retrieval.pack(database_codes), database_codes.shape[1])
-    return float(np.mean(index.search(query_outputs, 1)[1][:, 0] == rows))
+def self_retrieval(query_outputs, retriever, rows, first=None):
+    """The fraction of queries i whose item, at database row rows[i], comes first: query_outputs
+    (q, bits) the queries' continuous outputs, ranked as `retrieval.Retriever.search` ranks them
+    (Hamming distance, then agreement with the outputs, then row), after the rows `first` of
+    each query when given (its exact matches)."""
+    return float(np.mean(retriever.search(query_outputs, 1, first)[1][:, 0] == rows))
 
 
 def shared(features, held):
@@ -74,6 +77,13 @@ def shared(features, held):
         _, group, size = np.unique(features[modality][database], axis=0, return_inverse=True, return_counts=True)
         fractions[modality] = float(np.mean(size[group.ravel()][np.searchsorted(database, held)] > 1))
     return fractions
+
+
+def shared_exactly(keys, database, held):
+    """The fraction of the held-back items whose key (normalised text, image file digest) some
+    other database item has too: their own query matches both exactly."""
+    counts = collections.Counter(keys[database].tolist())
+    return float(np.mean([counts[key] > 1 for key in keys[held].tolist()]))
 
 
 def compare(features, labels, info, bits, seed, fraction):
@@ -104,12 +114,22 @@ def compare(features, labels, info, bits, seed, fraction):
     rows, _ = evaluate.score(by_method, dict(features, database=order), labels, bits, curves=False)
     not_grown, _ = evaluate.score({"not_grown": {"i2t": (small_queries[0], small_codes), "t2i": (small_queries[1], small_codes)}},
                                   reduced, labels, bits, curves=False)
-    # Self-retrieval of the added items, by their own image and text queries.
+    # Self-retrieval of the added items, by their own image (its file) and text queries.
     own_rows = np.arange(len(reduced["database"]), len(order))
     own = {"small": (np.tanh(h_image), np.tanh(h_text)),
            "full": tuple(np.tanh(h) for h in nets.hash_outputs(full, image[held], text[held]))}
-    selves = {name: dict(image=self_retrieval(own[model][0], b, own_rows), text=self_retrieval(own[model][1], b, own_rows))
-              for model, databases in (("small", grown_db), ("full", full_db)) for name, b in databases.items()}
+    files = [ROOT / "data" / "openclipart" / path for path in labels["path"][held]]
+    selves = {}
+    for model, databases in (("small", grown_db), ("full", full_db)):
+        for name, b in databases.items():
+            searched = retrieval.Retriever(None, {}, retrieval.pack(b), bits, labels["item_id"][order],
+                                           labels["text"][order], labels["image_sha256"][order])
+            first = {"image": searched.exact_matches(images=files),
+                     "text": searched.exact_matches(texts=labels["text"][held].tolist())}
+            selves[name] = {**{modality: self_retrieval(own[model][m], searched, own_rows)
+                               for m, modality in enumerate(("image", "text"))},
+                            **{f"{modality}_exact_first": self_retrieval(own[model][m], searched, own_rows, first[modality])
+                               for m, modality in enumerate(("image", "text"))}}
     return rows + not_grown, selves, retrain_seconds, small, small_codes, reduced, held
 
 
@@ -124,7 +144,8 @@ def register_reduced(store, student, codes, reduced, labels, info, bits):
         nets.save(student_path, student, StudentConfig(bits=bits))
         rows = reduced["database"]
         folder = Path(tmp) / "retriever"
-        retrieval.save(folder, student_path, info["encoders"], codes, labels["item_id"][rows], labels["text"][rows])
+        retrieval.save(folder, student_path, info["encoders"], codes, labels["item_id"][rows], labels["text"][rows],
+                       labels["image_sha256"][rows])
         registry.register(folder, "bench", {"dudch.bits": str(bits)}, None, experiment_id=experiment,
                           run_name="reduced", parent_run_id=None, run_tags={})
 
@@ -170,22 +191,28 @@ def markdown(result):
              f"{result['held_back']} of {result['database']} database items ({result['fraction']:.0%}, seed "
              f"{result['seed']}) held back from training and then added; {result['queries']} queries. mAP@50 is "
              f"DJSRH's calculate_top_map. Methods: see the benchmark's docstring. Self-retrieval: the share of "
-             f"added items that a query by their own image (text) ranks first, as `dudch search` ranks "
-             f"(Hamming distance, items as near by agreement with the query's outputs, then by row).", "",
-             "| method | bits | I->T mAP@50 | I->T mAP@all | T->I mAP@50 | T->I mAP@all | self-retrieval by image | by text |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"added items that a query by their own image (text) ranks first: by the codes alone (Hamming "
+             f"distance, items as near by agreement with the query's outputs, then by row), and as `dudch search` "
+             f"ranks, exact matches (the same image file, the same text) first.", "",
+             "| method | bits | I->T mAP@50 | I->T mAP@all | T->I mAP@50 | T->I mAP@all | self-retrieval by image, codes "
+             "alone | by text, codes alone | by image, exact first | by text, exact first |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["method"], r["bits"], r["direction"]): r for r in result["rows"]}
     for method in METHODS:
         for bits in result["bits"]:
             i2t, t2i = by[(method, bits, "i2t")], by[(method, bits, "t2i")]
             own = result["self_retrieval"][str(bits)].get(method)
-            selves = f"{own['image']:.2f} | {own['text']:.2f}" if own else "- | -"
+            selves = (" | ".join(f"{own[k]:.2f}" for k in ("image", "text", "image_exact_first", "text_exact_first"))
+                      if own else "- | - | - | -")
             lines.append(f"| {method} | {bits} | {i2t['map_50']:.3f} | {i2t['map_all']:.3f} | {t2i['map_50']:.3f} | "
                          f"{t2i['map_all']:.3f} | {selves} |")
     same = result["shared_query"]
     lines += ["", f"Of the added items, {same['image']:.0%} share their image features and {same['text']:.0%} their "
               f"bag-of-words with another database item (duplicate drawings; the same tags within the vocabulary): "
-              f"for those, their own query is just as much the other item's, and the two items' codes decide which comes first.",
+              f"for those, by the codes alone their own query is just as much the other item's, and the two items' "
+              f"codes decide which comes first. Exactly (as exact matches compare them), "
+              f"{result['shared_exactly']['image']:.0%} share their image file and {result['shared_exactly']['text']:.0%} "
+              f"their text with another database item.",
               "", "Grown minus retrained, points (mAP@50 / mAP@all):", ""]
     for bits in result["bits"]:
         gaps = [f"{d} {100 * (by[('grown', bits, d)]['map_50'] - by[('retrained', bits, d)]['map_50']):+.2f} / "
@@ -231,7 +258,11 @@ def main():
                       ["make data && .venv/bin/python benchmarks/index_growth.py", *sys.argv[1:]]),
                   wall_time_s=time.time() - started, bits=args.bits, seed=args.seed, fraction=args.fraction,
                   database=len(features["database"]), held_back=len(held), queries=len(features["query"]),
-                  rows=rows, self_retrieval=selves, shared_query=shared(features, held), timing=timing)
+                  rows=rows, self_retrieval=selves, shared_query=shared(features, held),
+                  shared_exactly={"image": shared_exactly(labels["image_sha256"], features["database"], held),
+                                  "text": shared_exactly(np.array([retrieval.normalised_text(t) for t in labels["text"]]),
+                                                         features["database"], held)},
+                  timing=timing)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

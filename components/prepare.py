@@ -59,10 +59,12 @@ def prepare_data(dataset: str, data_version: str, data_repo: str, data_rev: str,
                          **{f"split_{k}": v for k, v in info["split"].items()}})
         log.log_dict(info, "prepare_info.json")
         # For the retrieval model (`dudch promote`): how queries become features, and the
-        # items' ids and texts that search results show. No labels.
+        # items' ids and texts that search results show, and their image files' digests
+        # (exact matches rank first). No labels.
         log.log_dict(info["encoders"], "retrieval/encoders.json")
         with tempfile.TemporaryDirectory() as tmp:
-            save_npz(os.path.join(tmp, "items.npz"), item_id=label_data["item_id"], text=label_data["text"])
+            save_npz(os.path.join(tmp, "items.npz"), item_id=label_data["item_id"], text=label_data["text"],
+                     image_sha256=label_data["image_sha256"])
             log.log_artifact(os.path.join(tmp, "items.npz"), "retrieval")
         # What training read, by content: the same digest means the same inputs.
         log.log_input(data_repo or path or sources.DEFAULT_OPENCLIPART, kind, info["digest"])

@@ -50,8 +50,9 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cac
                 query, database, train, validation int64 index arrays into the n items;
                 pixels uint8 (n, size, size, 3) when config.keep_pixels.
       labels:   what only evaluation reads: labels uint8 (n, L) (L = 0 for a label-less
-                dataset); label_names str (L,); path, text, item_id str (n,); thumbnail uint8
-                (n, 64, 64, 3) when the dataset has images.
+                dataset); label_names str (L,); path, text, item_id str (n,); image_sha256 str
+                (n,) (each image file's, "" for given features; the retrieval model's exact
+                matches); thumbnail uint8 (n, 64, 64, 3) when the dataset has images.
     Image features are cached in `cache_dir` by (the images' content, extractor settings), so
     a rerun on the same data does not decode or encode again. `progress`: True for a progress
     bar on stderr while images are decoded, False for none, or a function called with (images
@@ -92,7 +93,8 @@ def prepare(source, cache_dir, config=PrepareConfig(), progress=True, shared_cac
         features["pixels"] = pixels
     labels = data.labels if data.labels is not None else np.zeros((len(data), 0), dtype=np.uint8)
     label_data = dict(labels=labels, label_names=np.array(data.label_names, dtype=str),
-                      path=data.path, text=data.display_text(), item_id=data.item_id)
+                      path=data.path, text=data.display_text(), item_id=data.item_id,
+                      image_sha256=data.image_sha256())
     if thumbnails is not None:
         label_data["thumbnail"] = thumbnails
     info = dict(dataset=data.kind, source=str(source), digest=_digest(features), items=len(data), image_dim=int(image.shape[1]),

@@ -1,22 +1,27 @@
 """Retrieval with trained codes: encode queries (raw text, image files or feature rows) with the
 student's networks, and rank the database by Hamming distance, items as near ordered by how
-much the query's output before rounding agrees with their codes.
+much the query's output before rounding agrees with their codes. Items that hold exactly the
+query (its image file, or its text) can be ranked first (`Retriever.exact_matches`): codes are
+short, many items share one, and a catalogue should find its own item.
 
 A `Retriever` is saved as a folder (`save`/`load`):
   student.pt     the student networks (`dudch.nets.save`)
   encoders.json  how raw inputs become features: {"text": {"kind": "bow", "vocabulary": [...]}
                  | {"kind": "minilm"} | {"kind": "given"}, "image": {"kind": "efficientnet-lite0",
                  "size": 224} | {"kind": "given"}}
-  database.npz   codes bit-packed uint8 (n, bits/8), bits, item_id str (n,), text str (n,)
+  database.npz   codes bit-packed uint8 (n, bits/8), bits, item_id str (n,), text str (n,),
+                 image_sha256 str (n,): each item's image file's SHA-256, "" where it has none
+                 (given features; a model registered before these were kept)
 """
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from dudch import DudchError, first_line, nets
-from dudch.storage import save_json, save_npz
+from dudch.storage import save_json, save_npz, sha256_of
 
 EXACT_LIMIT = 1_000_000  # above this many database items, search an approximate index
 ENCODE_BATCH = 64  # images encoded at once by a query
@@ -30,6 +35,11 @@ def pack(codes):
 def unpack(packed, bits):
     """The inverse of `pack`: int8 (n, bits) in {-1, +1}."""
     return np.unpackbits(packed, axis=1, count=bits).astype(np.int8) * 2 - 1
+
+
+def normalised_text(text):
+    """A text as exact matching compares it: case and runs of white space aside."""
+    return " ".join(str(text).casefold().split())
 
 
 def agreement(query, codes):
@@ -95,11 +105,12 @@ class HammingIndex:
 class Retriever:
     """The student's encoders plus the database it retrieves from."""
 
-    def __init__(self, student, encoders, packed, bits, item_id, text, index="auto"):
+    def __init__(self, student, encoders, packed, bits, item_id, text, image_sha256=None, index="auto"):
         self.student, self.encoders, self.bits = student, encoders, bits
         self.packed, self.item_id, self.text = packed, np.asarray(item_id), np.asarray(text)
+        self.image_sha256 = np.full(len(packed), "") if image_sha256 is None else np.asarray(image_sha256)
         self.index = HammingIndex(packed, bits, index)
-        self._image_encoder = None
+        self._image_encoder, self._rows_of = None, None
 
     def outputs(self, texts=None, images=None, text_features=None, image_features=None):
         """The student's continuous outputs u = tanh(g(x)), float32 (n, bits) in (-1, 1), for
@@ -122,11 +133,43 @@ class Retriever:
         """Codes int8 (n, bits) of a query, as `outputs` takes it: the signs of its outputs."""
         return nets.sign(self.outputs(**query))
 
-    def search(self, queries, k=10):
+    def search(self, queries, k=10, first=None):
         """(Hamming distances, database rows) of the k nearest to each query, nearest first:
         queries are codes int8 (q, bits), or `outputs` (q, bits), which also order the items
-        as near by their agreement with the query (`agreement`)."""
-        return self.index.search(queries, k)
+        as near by their agreement with the query (`agreement`). first: for each query, rows
+        (as `exact_matches` gives them) that come before all others, in their order, with
+        their own Hamming distances."""
+        distances, rows = self.index.search(queries, k)
+        if first is None:
+            return distances, rows
+        out_d, out_r = distances.copy(), rows.copy()
+        for i, lead in enumerate(first):
+            lead = np.asarray(lead, dtype=rows.dtype)[:rows.shape[1]]
+            if len(lead):
+                rest = ~np.isin(rows[i], lead)  # leaves at least k - len(lead) rows
+                lead_d = (self.bits - self.database_codes_of(lead).astype(np.int32)
+                          @ nets.sign(np.asarray(queries[i], dtype=np.float64)).astype(np.int32)) // 2
+                out_r[i] = np.concatenate([lead, rows[i][rest]])[:rows.shape[1]]
+                out_d[i] = np.concatenate([lead_d, distances[i][rest]])[:rows.shape[1]]
+        return out_d, out_r
+
+    def exact_matches(self, texts=None, images=None):
+        """For each query, the database rows (int64, in database order) that hold exactly it:
+        its text (case and white space aside, `normalised_text`) for texts (list of str), its
+        image file (the same bytes) for images (list of file paths or of the files' bytes)."""
+        if (texts is None) == (images is None):
+            raise DudchError("give exactly one of: texts, images")
+        if self._rows_of is None:
+            self._rows_of = {"text": {}, "image": {}}
+            for row, (text, digest) in enumerate(zip(self.text.tolist(), self.image_sha256.tolist())):
+                self._rows_of["text"].setdefault(normalised_text(text), []).append(row)
+                if digest:
+                    self._rows_of["image"].setdefault(digest, []).append(row)
+        if texts is not None:
+            keys, rows_of = [normalised_text(t) for t in texts], self._rows_of["text"]
+        else:
+            keys, rows_of = [image_digest(i) for i in images], self._rows_of["image"]
+        return [np.array(rows_of.get(key, []), dtype=np.int64) for key in keys]
 
     def unknown_words(self, text):
         """The words of a text query that the model's bag-of-words vocabulary lacks (they are
@@ -198,20 +241,29 @@ class Retriever:
     def database_codes(self):
         return unpack(self.packed, self.bits)
 
+    def database_codes_of(self, rows):
+        return unpack(self.packed[rows], self.bits)
 
-def save(directory, student_path, encoders, codes, item_id, text):
+
+def image_digest(image):
+    """Hex SHA-256 of an image file (a path) or of its bytes, as the database keeps it."""
+    return hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_of(image)
+
+
+def save(directory, student_path, encoders, codes, item_id, text, image_sha256):
     """Write a retriever folder from a trained student (its `nets.save` file) and the database's
-    codes (int8 (n, bits)), ids and texts."""
+    codes (int8 (n, bits)), ids, texts and image digests (str (n,), "" for none)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "student.pt").write_bytes(Path(student_path).read_bytes())
     save_json(directory / "encoders.json", encoders)
-    _save_database(directory, pack(codes), codes.shape[1], item_id, text)
+    _save_database(directory, pack(codes), codes.shape[1], item_id, text, image_sha256)
 
 
-def _save_database(directory, packed, bits, item_id, text):
+def _save_database(directory, packed, bits, item_id, text, image_sha256):
     save_npz(Path(directory) / "database.npz", codes=packed, bits=np.array(bits),
-             item_id=np.asarray(item_id, dtype=str), text=np.asarray(text, dtype=str))
+             item_id=np.asarray(item_id, dtype=str), text=np.asarray(text, dtype=str),
+             image_sha256=np.asarray(image_sha256, dtype=str))
 
 
 def joint_codes(student, image, text):
@@ -228,7 +280,8 @@ def joint_codes(student, image, text):
 def item_features(source, encoders, student, cache_dir, progress=True):
     """The items of a dataset (a SOURCE, `dudch.sources`) as a model's encoders make them, for
     adding to its database: {"item_id": str (n,), "text": str (n,) as shown in results,
-    "image": float32 (n, image_dim), "text_features": float32 (n, text_dim), "warnings": [str]}.
+    "image_sha256": str (n,) (`image_digest`, "" for given features), "image": float32
+    (n, image_dim), "text_features": float32 (n, text_dim), "warnings": [str]}.
     Images go through the same decoding, encoder and feature cache as the prepare stage; items
     whose image cannot be decoded are left out and counted in the warnings. A dataset whose
     features cannot be the model's (other image features, a bag-of-words of unknown words or
@@ -264,8 +317,8 @@ def item_features(source, encoders, student, cache_dir, progress=True):
     else:
         text = minilm_embeddings(data.display_text().tolist())
     image, text = nets.check_pairs(image, text)
-    return dict(item_id=data.item_id, text=data.display_text(), image=image, text_features=text,
-                warnings=warnings)
+    return dict(item_id=data.item_id, text=data.display_text(), image_sha256=data.image_sha256(), image=image,
+                text_features=text, warnings=warnings)
 
 
 def _given_features(source, values, width, modality, instead):
@@ -278,20 +331,22 @@ def _given_features(source, values, width, modality, instead):
     return values
 
 
-def grow(retriever, directory, codes, item_id, text):
+def grow(retriever, directory, codes, item_id, text, image_sha256):
     """Write the database of `retriever` with items appended into the retriever folder
     `directory` (a copy of its own folder: networks and encoders stay as they are): codes int8
-    (m, bits), ids and texts str (m,). Ids it holds already, or given twice, are refused."""
+    (m, bits), ids, texts and image digests str (m,). Ids it holds already, or given twice, are
+    refused."""
     item_id = np.asarray(item_id, dtype=str)
-    if codes.shape[1] != retriever.bits or not len(codes) == len(item_id) == len(text):
-        raise DudchError(f"new items need {retriever.bits}-bit codes, one per id and text")
+    if codes.shape[1] != retriever.bits or not len(codes) == len(item_id) == len(text) == len(image_sha256):
+        raise DudchError(f"new items need {retriever.bits}-bit codes, one per id, text and image digest")
     held = np.isin(item_id, retriever.item_id)
     if held.any() or len(set(item_id)) < len(item_id):
         raise DudchError(f"item {item_id[held][0] if held.any() else item_id[0]} is already in the index "
                          f"(or given twice); an id is added once")
     _save_database(directory, np.concatenate([retriever.packed, pack(codes)]), retriever.bits,
                    np.concatenate([retriever.item_id.astype(str), item_id]),
-                   np.concatenate([retriever.text.astype(str), np.asarray(text, dtype=str)]))
+                   np.concatenate([retriever.text.astype(str), np.asarray(text, dtype=str)]),
+                   np.concatenate([retriever.image_sha256.astype(str), np.asarray(image_sha256, dtype=str)]))
 
 
 def shrink(retriever, directory, item_ids):
@@ -301,7 +356,7 @@ def shrink(retriever, directory, item_ids):
     if not keep.any():
         raise DudchError("that would remove every item of the index; keep at least one")
     _save_database(directory, retriever.packed[keep], retriever.bits, retriever.item_id[keep],
-                   retriever.text[keep])
+                   retriever.text[keep], retriever.image_sha256[keep])
 
 
 def load(directory, index="auto"):
@@ -313,7 +368,7 @@ def load(directory, index="auto"):
     try:
         encoders = json.loads((directory / "encoders.json").read_text())
         with np.load(directory / "database.npz", allow_pickle=False) as saved:
-            arrays = {k: saved[k] for k in ("codes", "bits", "item_id", "text") if k in saved.files}
+            arrays = {k: saved[k] for k in ("codes", "bits", "item_id", "text", "image_sha256") if k in saved.files}
     except (OSError, ValueError) as error:
         raise DudchError(f"cannot read the retrieval model in {directory} ({first_line(error)}); register it "
                          f"again with `dudch promote`") from None
@@ -321,7 +376,8 @@ def load(directory, index="auto"):
     if problem:
         raise DudchError(f"the retrieval model in {directory} is damaged: database.npz {problem}; register it "
                          f"again with `dudch promote`")
-    return Retriever(student, encoders, arrays["codes"], int(arrays["bits"]), arrays["item_id"], arrays["text"], index)
+    return Retriever(student, encoders, arrays["codes"], int(arrays["bits"]), arrays["item_id"], arrays["text"],
+                     arrays.get("image_sha256"), index)
 
 
 def _database_problem(arrays):
@@ -336,4 +392,7 @@ def _database_problem(arrays):
         return f"has codes {codes.dtype} {codes.shape}, not {int(bits)}-bit codes packed as uint8 rows"
     if item_id.dtype.kind != "U" or text.dtype.kind != "U" or item_id.shape != (len(codes),) or text.shape != (len(codes),):
         return f"has ids {item_id.dtype} {item_id.shape} and texts {text.dtype} {text.shape}, not one string each per code"
+    digests = arrays.get("image_sha256")
+    if digests is not None and (digests.dtype.kind != "U" or digests.shape != (len(codes),)):
+        return f"has image_sha256 {digests.dtype} {digests.shape}, not one string per code"
     return None

@@ -13,6 +13,7 @@ training never reads.
 """
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -75,6 +76,13 @@ class Source:
             return np.full(len(self), "", dtype=str)
         words = np.array(self.vocabulary)
         return np.array([" ".join(words[row > 0]) for row in self.text_bow], dtype=str)
+
+    def image_sha256(self):
+        """str (n,): the SHA-256 of each item's image file, as a query by that file hashes it
+        (`dudch.retrieval` ranks such exact matches first); "" for items given as features."""
+        if self.images is None:
+            return np.full(len(self), "", dtype=str)
+        return np.array(self.images.sha256(self.rows), dtype=str)
 
     def subset(self, keep):
         """The items selected by `keep` (a boolean mask or index array), in order."""
@@ -246,6 +254,9 @@ class MatImages:
         self.channel_last = rest[-1] == 3
         self.shape = (n, *(rest if self.channel_last else rest[1:] + rest[:1]))
 
+    def sha256(self, rows):
+        return [""] * len(rows)  # pixels, not files: no query file is one of them
+
     def batch(self, rows, size):
         start, stop = int(min(rows)), int(max(rows)) + 1
         block = np.moveaxis(self.variable.take(self.axis, start, stop), self.axis, 0)
@@ -341,6 +352,10 @@ class ZipImages:
     def batch(self, rows, size):
         with zipfile.ZipFile(self.path) as archive:
             return [read_image(archive.read(self.names[r]), size, svg=False) for r in rows]
+
+    def sha256(self, rows):
+        with zipfile.ZipFile(self.path) as archive:
+            return [hashlib.sha256(archive.read(self.names[r])).hexdigest() for r in rows]
 
 
 # ---- Own data: a manifest -----------------------------------------------------------------
@@ -442,6 +457,9 @@ class FileImages:
 
     def batch(self, rows, size):
         return [read_image(self.paths[r], size) for r in rows]
+
+    def sha256(self, rows):
+        return [sha256_of(self.paths[r]) for r in rows]
 
     def problems(self):
         """{path: why it will not decode} from what can be seen without decoding: the file's

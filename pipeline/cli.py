@@ -148,10 +148,11 @@ def _parser():
     promote.set_defaults(handler=_promote)
 
     search = commands.add_parser("search", help="retrieve database items with a registered model",
-                                 description="List the database items nearest a text or an image: by "
-                                 "Hamming distance to the query's code, items as near by how much the "
-                                 "query's outputs before rounding agree with their codes, then in "
-                                 "database order.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 description="List the database items nearest a text or an image: "
+                                 "first the items that hold exactly the query (its image file, or its "
+                                 "text, case and white space aside; marked exact), then by Hamming "
+                                 "distance to the query's code, items as near by how much the query's "
+                                 "outputs before rounding agree with their codes, then in database order.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     search.add_argument("--model", default="models:/dudch@production", help="a model URI")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query (tags or a sentence)")
@@ -639,9 +640,10 @@ def _search(args):
 
     tracking.connect(Path.cwd())
     rows, warning = registry.search(args.model, args.text, args.image, args.top)
-    print(f"{'rank':>4}  {'id':<42} {'hamming':>7}  text")
+    print(f"{'rank':>4}  {'id':<42} {'hamming':>7}  {'match':<5}  text")
     for row in rows:
-        print(f"{row['rank']:>4}  {row['id']:<42} {row['distance']:>7}  {row['text']}")
+        match = "exact" if row["exact"] else ""
+        print(f"{row['rank']:>4}  {row['id']:<42} {row['distance']:>7}  {match:<5}  {row['text']}")
     if warning:
         print(f"note: {warning}", file=sys.stderr)
 

@@ -51,7 +51,7 @@ def add(model_uri, source, data_version, cache_dir, name=None, alias=None, progr
         new = ~held
         codes = retrieval.joint_codes(model.student, items["image"][new], items["text_features"][new])
         grown = shutil.copytree(folder, Path(tmp) / "retriever")
-        retrieval.grow(model, grown, codes, items["item_id"][new], items["text"][new])
+        retrieval.grow(model, grown, codes, items["item_id"][new], items["text"][new], items["image_sha256"][new])
         lineage = _lineage(added=int(new.sum()), removed=0, items=len(model.item_id) + int(new.sum()))
         lineage.update({"dudch.dataset": source, "dudch.data_version": data_version or "unpinned"})
         version = _register(client, parent, grown, name, alias, lineage, "index-add")

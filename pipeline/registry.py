@@ -35,7 +35,7 @@ def _signature():
                      column(Array(DataType.double), "image_features")])
     outputs = Schema([ColSpec(DataType.string, "code"), column(Array(DataType.string), "ids"),
                       column(Array(DataType.long), "distances"), column(Array(DataType.string), "texts"),
-                      column(DataType.string, "warning")])
+                      column(DataType.long, "exact"), column(DataType.string, "warning")])
     return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("top_k", DataType.long, 0)]))
 
 
@@ -79,10 +79,13 @@ def build(client, parent, bits, directory):
     with np.load(Path(student_dir) / "codes.npz") as saved:
         codes, item_id = saved["codes"], saved["item_id"]
     with np.load(Path(prepare_dir) / "items.npz") as saved:
-        text_of = dict(zip(saved["item_id"].tolist(), saved["text"].tolist()))
+        row_of = {item: row for row, item in enumerate(saved["item_id"].tolist())}
+        rows = [row_of[i] for i in item_id.tolist()]
+        text = saved["text"][rows]
+        # A run prepared before digests were kept: its items match no query image exactly.
+        digests = saved["image_sha256"][rows] if "image_sha256" in saved.files else np.full(len(rows), "")
     encoders = json.loads((Path(prepare_dir) / "encoders.json").read_text())
-    retrieval.save(local / "retriever", Path(student_dir) / "model.pt", encoders, codes, item_id,
-                   [text_of[i] for i in item_id.tolist()])
+    retrieval.save(local / "retriever", Path(student_dir) / "model.pt", encoders, codes, item_id, text, digests)
     return local / "retriever"
 
 
@@ -237,8 +240,9 @@ def load(model_uri):
 
 
 def search(model_uri, text=None, image=None, top=10):
-    """(rows (rank, id, distance, text) of the `top` database items nearest a text or an image
-    file, the model's warning about them: unknown query words, ties at the cut-off; '' if none).
+    """(rows (rank, id, distance, text, exact) of the `top` database items nearest a text or an
+    image file, exact matches of the query first; the model's warning about them: unknown query
+    words, ties at the cut-off; '' if none).
     The image is sent as its bytes, as a remote client would."""
     import base64
 
@@ -254,7 +258,8 @@ def search(model_uri, text=None, image=None, top=10):
         (found,) = model.predict(pd.DataFrame(query), params={"top_k": top}).itertuples()
     except mlflow.exceptions.MlflowException as error:
         raise DudchError(f"{model_uri} refused the query ({first_line(error.message)})") from None
-    rows = [dict(rank=r + 1, id=i, distance=d, text=t)
+    exact = getattr(found, "exact", 0)  # a model registered before exact matches reports none
+    rows = [dict(rank=r + 1, id=i, distance=d, text=t, exact=r < exact)
             for r, (i, d, t) in enumerate(zip(found.ids, found.distances, found.texts))]
     return rows, getattr(found, "warning", "")
 

@@ -195,7 +195,9 @@ class RetrievalModel:
     query words, an arbitrary ranking, ties at the cut-off; "" if none) and, when the `top_k`
     parameter is 1 to 1000, "ids" (the nearest database items, nearest first; items as near in
     the order of their agreement with the query's outputs before rounding, `dudch.retrieval`),
-    "distances" (Hamming) and "texts".
+    "distances" (Hamming), "texts" and "exact": how many of the first ids hold exactly the
+    query (its image file's bytes, or its text, case and white space aside), ranked first
+    whatever their distance.
     """
 
     def __init__(self, retriever):
@@ -217,28 +219,29 @@ class RetrievalModel:
         if len(values) * top_k > LIMITS["results"]:
             raise DudchError(f"{len(values)} queries x top_k {top_k} = {len(values) * top_k:,} results in one request; "
                              f"at most {LIMITS['results']:,}: send fewer queries or a smaller top_k")
-        texts = [None] * len(values)
+        texts, query = [None] * len(values), None
         if column == "text":
             texts = [_text(v) for v in values]
-            outputs = self.retriever.outputs(texts=texts)
+            query = dict(texts=texts)
         elif column == "image_b64":
             images = [_image_bytes(i, v) for i, v in enumerate(values)]
             if sum(map(len, images)) > LIMITS["request_image_bytes"]:
                 raise DudchError(f"{sum(map(len, images)) / 2**20:.0f} MiB of images in one request; at most "
                                  f"{LIMITS['request_image_bytes'] // 2**20} MiB: send them in several requests")
-            outputs = self.retriever.outputs(images=images)
+            query = dict(images=images)
         elif column == "image":
-            outputs = self.retriever.outputs(images=[_server_image(v) for v in values])
-        else:
-            outputs = self.retriever.outputs(**{column: _feature_rows(values)})
+            query = dict(images=[_server_image(v) for v in values])
+        outputs = self.retriever.outputs(**(query or {column: _feature_rows(values)}))
         codes = nets.sign(outputs)
         out = pd.DataFrame({"code": _code_strings(codes)})
         distances = [[]] * len(codes)
         if top_k > 0:
-            distances, rows = self.retriever.search(outputs, int(top_k))
+            first = self.retriever.exact_matches(**query) if query else [[]] * len(codes)
+            distances, rows = self.retriever.search(outputs, int(top_k), first)
             out["ids"] = [self.retriever.item_id[r].tolist() for r in rows]
             out["distances"] = [d.astype(int).tolist() for d in distances]
             out["texts"] = [self.retriever.text[r].tolist() for r in rows]
+            out["exact"] = [min(len(f), len(r)) for f, r in zip(first, rows)]
         out["warning"] = [self.retriever.warnings(c, d, t) for c, d, t in zip(codes, distances, texts)]
         return out
 

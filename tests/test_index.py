@@ -2,6 +2,7 @@
 drawings and shrunk again, each step a new version with its lineage, the parent untouched."""
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -94,31 +95,42 @@ def test_the_grown_database_is_the_parent_plus_the_new_items_coded_by_the_networ
     np.testing.assert_array_equal(model.database_codes()[size:], nets.sign(np.tanh(h_image) + np.tanh(h_text)))
 
 
-def test_search_finds_each_added_drawing_by_its_own_text_and_image(grown):
-    """Every added item is found by a query with its own text and with its own image, ranked
-    like every other item: after every item strictly nearer in Hamming distance, and among the
-    items as near by its agreement with the query's outputs (then by database order)."""
+def test_search_finds_each_added_drawing_at_rank_1_by_its_own_text_and_image(grown):
+    """A query by an added item's own image file or own text finds it first: the items that hold
+    exactly the query come first (in database order, with their Hamming distances), then every
+    other item as the codes rank it (Hamming distance, agreement with the query's outputs, row).
+    An item shares rank 1 only with items of the very same text (no two share an image file)."""
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
     retriever = model.get_raw_model()
     folder, records = Path(grown["manifest"]).parent, grown["records"]
     database = retriever.database_codes()
     row_of = {item: row for row, item in enumerate(retriever.item_id.tolist())}
     images = [(folder / r["image"]).read_bytes() for r in records]
+    normalised = np.array([retrieval.normalised_text(t) for t in retriever.text])
+    alone = {"text": [], "image_b64": []}  # the records found at rank 1 alone
     for column, values, outputs in (("text", [r["text"] for r in records], retriever.outputs(texts=[r["text"] for r in records])),
                                     ("image_b64", [base64.b64encode(i).decode() for i in images], retriever.outputs(images=images))):
         found = model.predict(pd.DataFrame({column: values}), params={"top_k": len(database)})
-        for record, ids, distances, code, output in zip(records, found["ids"], found["distances"], found["code"], outputs):
-            assert code == "".join("1" if u >= 0 else "0" for u in output)
-            every = (database.shape[1] - database.astype(int) @ nets.sign(output).astype(int)) // 2
-            score = retrieval.agreement(output, database)
+        for record, image, found_row, output in zip(records, images, found.itertuples(), outputs):
             own = row_of[record["image"]]
-            as_near = every == every[own]
-            expected_rank = int((every < every[own]).sum() + (as_near & (score > score[own])).sum()
-                                + (as_near & (score == score[own]))[:own].sum())
-            assert ids.index(record["image"]) == expected_rank and distances[expected_rank] == every[own]
-    by_text = dudch("search", "--text", records[0]["text"], "--model", f"models:/{NAME}/2", "--top", "1000",
-                    env=grown["env"])
-    assert by_text.returncode == 0 and records[0]["image"] in by_text.stdout, by_text.stderr[-2000:]
+            same = (normalised == retrieval.normalised_text(record["text"]) if column == "text"
+                    else retriever.image_sha256 == hashlib.sha256(image).hexdigest())
+            exact = np.flatnonzero(same)
+            assert own in exact and found_row.exact == len(exact)
+            if len(exact) == 1:
+                alone[column].append(record)
+            every = (database.shape[1] - database.astype(int) @ nets.sign(output).astype(int)) // 2
+            rest = np.flatnonzero(~same)
+            rest = rest[np.lexsort((rest, -retrieval.agreement(output, database[rest]), every[rest]))]
+            ranked = np.concatenate([exact, rest])
+            assert found_row.ids == retriever.item_id[ranked].tolist() and found_row.distances == every[ranked].tolist()
+            assert len(exact) > 1 or found_row.ids[0] == record["image"]
+    assert len(alone["image_b64"]) == len(records) and alone["text"]
+    record = alone["text"][0]
+    by_text = dudch("search", "--text", record["text"], "--model", f"models:/{NAME}/2", "--top", "3", env=grown["env"])
+    assert by_text.returncode == 0, by_text.stderr[-2000:]
+    first = by_text.stdout.splitlines()[1].split()
+    assert first[:2] == ["1", record["image"]] and first[3] == "exact"
 
 
 def test_a_duplicate_add_is_refused_and_registers_nothing(grown):

@@ -118,7 +118,7 @@ def test_search_prints_ranked_items(pipeline_run, production):
     done = dudch("search", "--text", "bird animal", "--top", "4", env=pipeline_run["env"])
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
-    assert lines[0].split() == ["rank", "id", "hamming", "text"] and len(lines) == 5
+    assert lines[0].split() == ["rank", "id", "hamming", "match", "text"] and len(lines) == 5
     expected = production.predict(pd.DataFrame({"text": ["bird animal"]}), params={"top_k": 4})
     assert [line.split()[1] for line in lines[1:]] == expected["ids"][0]
     image = dudch("search", "--image", str(sorted(OPENCLIPART.glob("food/*.svg"))[0]), "--top", "2", env=pipeline_run["env"])
@@ -401,12 +401,18 @@ def test_tampered_model_artifacts_are_refused_or_ignored(pipeline_run, productio
             ("deleted", lambda f: next(f.rglob("database.npz")).unlink(), "cannot read the retrieval model"),
             ("no-codes", rewrite(codes=None), "database.npz lacks codes"),
             ("float-codes", rewrite(codes=np.zeros((3, 4))), "not 32-bit codes packed as uint8 rows"),
-            ("short-ids", rewrite(item_id=np.array(["a"])), "not one string each per code")):
+            ("short-ids", rewrite(item_id=np.array(["a"])), "not one string each per code"),
+            ("short-digests", rewrite(image_sha256=np.array(["a"])), "not one string per code; register")):
         folder = tampered(f"database-{name}", change)
         with pytest.raises(DudchError, match=message):
             mlflow.pyfunc.load_model(str(folder))
         done = dudch("search", "--model", str(folder), "--text", "tux", env=pipeline_run["env"])
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+    # A model registered before image digests were kept loads, and finds no image exactly.
+    drawing = b64(next(OPENCLIPART.rglob("*.svg")))
+    older = registry.load(str(tampered("database-before-digests", rewrite(image_sha256=None))))
+    assert older.predict(pd.DataFrame({"image_b64": [drawing]}), params={"top_k": 3})["exact"][0] == 0
 
     # Code planted beside the data, as an MLflow "model from code" or a pickled python model
     # would hold it: the loader never reads it.

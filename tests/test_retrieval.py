@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,25 @@ def test_warnings_name_unknown_words_and_ties_at_the_cut_off():
                     "cut-off distance 0; the results keep the 4 of them that agree most with the query before rounding")
     assert retriever.warnings(query, [], "owl").startswith("no query word is in the model's vocabulary")
     assert retriever.warnings(query, distances[0][:0], "cat dog") == ""
+
+
+def test_exact_matches_come_first_in_database_order_with_their_own_distances(tmp_path):
+    from dudch.retrieval import Retriever
+
+    database = codes(6, 8, 3)
+    drawing = tmp_path / "cat.svg"
+    drawing.write_bytes(b"<svg/>")
+    digest = hashlib.sha256(b"<svg/>").hexdigest()
+    retriever = Retriever(None, {}, pack(database), 8, np.array(list("abcdef")),
+                          ["Cat,  sofa", "dog", "cat, sofa", "bird", "cat sofa", "owl"],
+                          ["", digest, "", "", "", digest])
+    assert [r.tolist() for r in retriever.exact_matches(texts=["cat, SOFA", "fish"])] == [[0, 2], []]
+    assert [r.tolist() for r in retriever.exact_matches(images=[drawing, b"<svg/>", b"other"])] == [[1, 5], [1, 5], []]
+    query = -database[4].astype(np.float64)  # the farthest from item e
+    plain_d, plain = retriever.search(query[None], 6)
+    distances, rows = retriever.search(query[None], 4, first=[np.array([4, 1])])
+    assert rows[0].tolist() == [4, 1] + [r for r in plain[0].tolist() if r not in (4, 1)][:2]
+    assert distances[0].tolist()[:2] == [8, (8 - int(database[1] @ np.sign(query))) // 2]
+    assert distances[0].tolist()[2:] == [d for d, r in zip(plain_d[0].tolist(), plain[0].tolist()) if r not in (4, 1)][:2]
+    with pytest.raises(DudchError, match="exactly one of"):
+        retriever.exact_matches()
