@@ -137,18 +137,20 @@ class Retriever:
         """(Hamming distances, database rows) of the k nearest to each query, nearest first:
         queries are codes int8 (q, bits), or `outputs` (q, bits), which also order the items
         as near by their agreement with the query (`agreement`). first: for each query, rows
-        (as `exact_matches` gives them) that come before all others, in their order, with
-        their own Hamming distances."""
+        (as `exact_matches` gives them) that come before all others, ranked among themselves
+        as the others are (Hamming distance, agreement, row)."""
         distances, rows = self.index.search(queries, k)
         if first is None:
             return distances, rows
         out_d, out_r = distances.copy(), rows.copy()
         for i, lead in enumerate(first):
-            lead = np.asarray(lead, dtype=rows.dtype)[:rows.shape[1]]
+            lead = np.asarray(lead, dtype=rows.dtype)
             if len(lead):
+                query, codes = np.asarray(queries[i], dtype=np.float64), self.database_codes_of(lead)
+                lead_d = (self.bits - codes.astype(np.int32) @ nets.sign(query).astype(np.int32)) // 2
+                order = np.lexsort((lead, -agreement(query, codes), lead_d))[:rows.shape[1]]
+                lead, lead_d = lead[order], lead_d[order]
                 rest = ~np.isin(rows[i], lead)  # leaves at least k - len(lead) rows
-                lead_d = (self.bits - self.database_codes_of(lead).astype(np.int32)
-                          @ nets.sign(np.asarray(queries[i], dtype=np.float64)).astype(np.int32)) // 2
                 out_r[i] = np.concatenate([lead, rows[i][rest]])[:rows.shape[1]]
                 out_d[i] = np.concatenate([lead_d, distances[i][rest]])[:rows.shape[1]]
         return out_d, out_r

@@ -150,9 +150,10 @@ def _parser():
     search = commands.add_parser("search", help="retrieve database items with a registered model",
                                  description="List the database items nearest a text or an image: "
                                  "first the items that hold exactly the query (its image file, or its "
-                                 "text, case and white space aside; marked exact), then by Hamming "
-                                 "distance to the query's code, items as near by how much the query's "
-                                 "outputs before rounding agree with their codes, then in database order.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 "text, case and white space aside; marked exact), then the others; each "
+                                 "group by Hamming distance to the query's code, items as near by how much "
+                                 "the query's outputs before rounding agree with their codes, then in "
+                                 "database order.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     search.add_argument("--model", default="models:/dudch@production", help="a model URI")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query (tags or a sentence)")

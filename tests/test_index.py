@@ -97,8 +97,8 @@ def test_the_grown_database_is_the_parent_plus_the_new_items_coded_by_the_networ
 
 def test_search_finds_each_added_drawing_at_rank_1_by_its_own_text_and_image(grown):
     """A query by an added item's own image file or own text finds it first: the items that hold
-    exactly the query come first (in database order, with their Hamming distances), then every
-    other item as the codes rank it (Hamming distance, agreement with the query's outputs, row).
+    exactly the query come first, then every other item, each group as the codes rank it (Hamming
+    distance, agreement with the query's outputs, row).
     An item shares rank 1 only with items of the very same text (no two share an image file)."""
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/2")
     retriever = model.get_raw_model()
@@ -120,9 +120,9 @@ def test_search_finds_each_added_drawing_at_rank_1_by_its_own_text_and_image(gro
             if len(exact) == 1:
                 alone[column].append(record)
             every = (database.shape[1] - database.astype(int) @ nets.sign(output).astype(int)) // 2
-            rest = np.flatnonzero(~same)
-            rest = rest[np.lexsort((rest, -retrieval.agreement(output, database[rest]), every[rest]))]
-            ranked = np.concatenate([exact, rest])
+            score = retrieval.agreement(output, database)
+            ranked = np.concatenate([group[np.lexsort((group, -score[group], every[group]))]
+                                     for group in (exact, np.flatnonzero(~same))])
             assert found_row.ids == retriever.item_id[ranked].tolist() and found_row.distances == every[ranked].tolist()
             assert len(exact) > 1 or found_row.ids[0] == record["image"]
     assert len(alone["image_b64"]) == len(records) and alone["text"]

@@ -115,12 +115,17 @@ def test_index_add_and_remove_through_a_server(tracking_server, server_runs, tmp
     added = dudch("index", "add", "--model", "models:/served-index/1", "--dataset", f"manifest:{manifest}",
                   "--alias", "production", env=env)
     assert added.returncode == 0 and "version 2: version 1 with 2 items added" in added.stdout, added.stderr[-2000:]
-    found = dudch("search", "--model", "models:/served-index@production", "--image", str(tmp_path / "new" / "images" / "0.svg"),
-                  "--top", "1000", env=env)
-    assert found.returncode == 0 and "images/0.svg" in found.stdout, found.stderr[-2000:]
+    image = str(tmp_path / "new" / "images" / "0.svg")
+    found = dudch("search", "--model", "models:/served-index@production", "--image", image, "--top", "1000", env=env)
+    assert found.returncode == 0, found.stderr[-2000:]
+    first = found.stdout.splitlines()[1].split()
+    assert first[:2] == ["1", "images/0.svg"] and first[3] == "exact"  # its own image finds it first
     (tmp_path / "ids.txt").write_text("images/0.svg\n")
-    removed = dudch("index", "remove", "--model", "models:/served-index/2", "--ids", str(tmp_path / "ids.txt"), env=env)
+    removed = dudch("index", "remove", "--model", "models:/served-index/2", "--ids", str(tmp_path / "ids.txt"),
+                    "--alias", "production", env=env)
     assert removed.returncode == 0 and "version 3: version 2 with 1 item removed" in removed.stdout, removed.stderr[-2000:]
+    gone = dudch("search", "--model", "models:/served-index@production", "--image", image, "--top", "1000", env=env)
+    assert gone.returncode == 0 and "images/0.svg" not in gone.stdout and " exact " not in gone.stdout, gone.stderr[-2000:]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_server["url"])
     try:

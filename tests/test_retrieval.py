@@ -79,7 +79,7 @@ def test_warnings_name_unknown_words_and_ties_at_the_cut_off():
     assert retriever.warnings(query, distances[0][:0], "cat dog") == ""
 
 
-def test_exact_matches_come_first_in_database_order_with_their_own_distances(tmp_path):
+def test_exact_matches_come_first_ranked_by_their_codes_with_their_own_distances(tmp_path):
     from dudch.retrieval import Retriever
 
     database = codes(6, 8, 3)
@@ -93,9 +93,11 @@ def test_exact_matches_come_first_in_database_order_with_their_own_distances(tmp
     assert [r.tolist() for r in retriever.exact_matches(images=[drawing, b"<svg/>", b"other"])] == [[1, 5], [1, 5], []]
     query = -database[4].astype(np.float64)  # the farthest from item e
     plain_d, plain = retriever.search(query[None], 6)
-    distances, rows = retriever.search(query[None], 4, first=[np.array([4, 1])])
-    assert rows[0].tolist() == [4, 1] + [r for r in plain[0].tolist() if r not in (4, 1)][:2]
-    assert distances[0].tolist()[:2] == [8, (8 - int(database[1] @ np.sign(query))) // 2]
+    distances, rows = retriever.search(query[None], 4, first=[np.array([1, 4])])
+    assert rows[0].tolist() == [1, 4] + [r for r in plain[0].tolist() if r not in (4, 1)][:2]  # b nearer than e
+    assert distances[0].tolist()[:2] == [(8 - int(database[1] @ np.sign(query))) // 2, 8]
     assert distances[0].tolist()[2:] == [d for d, r in zip(plain_d[0].tolist(), plain[0].tolist()) if r not in (4, 1)][:2]
+    _, reordered = retriever.search(query[None], 1, first=[np.array([4, 1])])
+    assert reordered.tolist() == [[1]]  # the exact matches ranked among themselves, then cut at k
     with pytest.raises(DudchError, match="exactly one of"):
         retriever.exact_matches()
