@@ -158,13 +158,15 @@ class Retriever:
     def exact_matches(self, texts=None, images=None):
         """For each query, the database rows (int64, in database order) that hold exactly it:
         its text (case and white space aside, `normalised_text`) for texts (list of str), its
-        image file (the same bytes) for images (list of file paths or of the files' bytes)."""
+        image file (the same bytes) for images (list of file paths or of the files' bytes). An
+        empty text matches nothing (items without text are not each other's copies)."""
         if (texts is None) == (images is None):
             raise DudchError("give exactly one of: texts, images")
         if self._rows_of is None:
             self._rows_of = {"text": {}, "image": {}}
             for row, (text, digest) in enumerate(zip(self.text.tolist(), self.image_sha256.tolist())):
-                self._rows_of["text"].setdefault(normalised_text(text), []).append(row)
+                if normalised_text(text):
+                    self._rows_of["text"].setdefault(normalised_text(text), []).append(row)
                 if digest:
                     self._rows_of["image"].setdefault(digest, []).append(row)
         if texts is not None:
