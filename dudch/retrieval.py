@@ -165,10 +165,9 @@ class Retriever:
         if self._rows_of is None:
             self._rows_of = {"text": {}, "image": {}}
             for row, (text, digest) in enumerate(zip(self.text.tolist(), self.image_sha256.tolist())):
-                if normalised_text(text):
-                    self._rows_of["text"].setdefault(normalised_text(text), []).append(row)
-                if digest:
-                    self._rows_of["image"].setdefault(digest, []).append(row)
+                for kind, key in (("text", normalised_text(text)), ("image", digest)):
+                    if key:  # an empty text or a missing digest matches nothing
+                        self._rows_of[kind].setdefault(key, []).append(row)
         if texts is not None:
             keys, rows_of = [normalised_text(t) for t in texts], self._rows_of["text"]
         else:
