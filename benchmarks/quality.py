@@ -286,8 +286,9 @@ def slug(design):
 
 
 def markdown(result):
+    ablations = f"seeds {result['ablation_seeds']}" if result["ablation_seeds"] else "not run"
     lines = ["# Quality on OpenClipart", "", *header(result, "Query set"),
-             f"Mean +- std over seeds {result['seeds']} (ablations and CCA-ITQ: seeds {result['ablation_seeds']}). "
+             f"Mean +- std over seeds {result['seeds']} (ablations and CCA-ITQ: {ablations}). "
              "mAP@50 is DJSRH's calculate_top_map; distinct: distinct database codes / database size.", "",
              "| method | bits | I->T mAP@50 | I->T mAP@all | I->T distinct | T->I mAP@50 | T->I mAP@all | T->I distinct |",
              "|---|---|---|---|---|---|---|---|"]
