@@ -106,9 +106,11 @@ def dcc_sweep(codes, u, v, levels, omega, gamma, scale=2.0, offset=-1.0, chunk=8
         q[start:start + chunk] = levels[:, start:start + chunk].T.astype(np.float64) @ both
     q = -2.0 * k * (scale * q + offset * both.sum(axis=0))
     q[omega] -= 2.0 * gamma * both
+    # U^_c^T U_c + V^_c^T V_c is column c of this Gram matrix without its own entry: one k x k
+    # product per sweep instead of copying B^_c (n x (k - 1)) for every column.
+    gram = u.T @ u + v.T @ v
     for c in range(k):
-        rest = np.arange(k) != c
-        grad = 2.0 * b[:, rest] @ (u[:, rest].T @ u[:, c] + v[:, rest].T @ v[:, c]) + q[:, c]
+        grad = 2.0 * (b @ gram[c] - b[:, c] * gram[c, c]) + q[:, c]
         keep = np.where(b[:, c] == 0, 1.0, b[:, c])
         b[:, c] = np.where(grad > 0, -1.0, np.where(grad < 0, 1.0, keep))
     return b.astype(np.int8)

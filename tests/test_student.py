@@ -45,6 +45,24 @@ def test_the_last_column_updated_is_an_exact_minimiser(max_level, soft_constrain
         assert objective(u, v, flipped, s, omega, gamma, scale, offset) >= best - 1e-9
 
 
+
+@pytest.mark.parametrize("start", ["random", "zeros"])
+def test_dcc_sweep_equals_the_column_update_written_out(start):
+    """dcc_sweep reads U^_c^T U_c from one Gram matrix; the same codes as the formula in the
+    module docstring, evaluated with B^_c, U^_c, V^_c (column c left out) for every column."""
+    codes, u, v, s, omega, gamma, (scale, offset) = dcc_problem(7, max_level=2, soft_constraint=True)
+    if start == "zeros":
+        codes = np.zeros_like(codes)
+    k = codes.shape[1]
+    b = codes.astype(np.float64)
+    q = -2.0 * k * (scale * s.T.astype(np.float64) + offset) @ (u + v)
+    q[omega] -= 2.0 * gamma * (u + v)
+    for c in range(k):
+        rest = np.arange(k) != c
+        argument = 2.0 * b[:, rest] @ (u[:, rest].T @ u[:, c] + v[:, rest].T @ v[:, c]) + q[:, c]
+        b[:, c] = np.where(argument > 0, -1, np.where(argument < 0, 1, np.where(b[:, c] == 0, 1, b[:, c])))
+    np.testing.assert_array_equal(dcc_sweep(codes, u, v, s, omega, gamma, scale, offset), b)
+
 def test_dcc_from_zero_codes_decides_every_bit():
     codes, u, v, s, omega, gamma, (scale, offset) = dcc_problem(3, soft_constraint=True)
     codes = dcc_sweep(np.zeros_like(codes), u, v, s, omega, gamma, scale, offset)

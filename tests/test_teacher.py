@@ -35,6 +35,21 @@ def test_fit_lowers_the_loss_and_is_deterministic(tmp_path):
     assert saved_config["bits"] == 8
 
 
+
+def test_the_fused_optimiser_trains_the_same_weights_as_plain_sgd(monkeypatch):
+    """fit's fused SGD is a speed-up only: the weights equal those of torch's per-operation SGD
+    bit for bit, so results and caches made before it still hold."""
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((96, 10)).astype(np.float32)
+    text = (rng.random((96, 20)) < 0.2).astype(np.float32)
+    config = TeacherConfig(bits=8, epochs=5, text_hidden=32)
+    fused = fit(image, text, config)
+    plain_sgd = torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda *args, fused, **kwargs: plain_sgd(*args, **kwargs))
+    plain = fit(image, text, config)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
 @pytest.mark.parametrize("image,text,message", [
     (np.zeros((5, 3)), np.zeros((4, 3)), "5 image rows but 4 text rows"),
     (np.zeros(5), np.zeros((5, 3)), "must be 2-D"),
