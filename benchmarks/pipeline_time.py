@@ -32,6 +32,8 @@ from quality import cpu, machine  # noqa: E402
 
 STAGES = ("prepare", "teacher", "similarity", "student", "evaluate")
 REPORTED = STAGES + ("finish",)  # the exit task: ends the MLflow runs
+# The files whose changes can move the results table (the rest only change how it is reached).
+ALGORITHM_FILES = ("dudch/teacher.py", "dudch/ucch.py", "dudch/similarity.py", "dudch/student.py", "dudch/nets.py")
 
 
 def commit_of(reference):
@@ -98,6 +100,14 @@ def measure(commit, scratch):
                 **summarise(task_times(events)), results_table=table)
 
 
+def algorithm_commits(before, after):
+    """'hash subject' of each commit after `before` up to `after` that changed an algorithm
+    file: where a difference between the two results tables can come from."""
+    log = subprocess.run(["git", "log", "--format=%h %s", f"{before}..{after}", "--", *ALGORITHM_FILES],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return log.stdout.splitlines()
+
+
 def feature_difference(before_clone, after_clone):
     """The largest absolute difference between the image features the two runs computed (their
     feature caches), or None when the caches hold different items or keys."""
@@ -115,11 +125,12 @@ def ratio(after, before):
 
 
 def report(before, after, feature_difference):
-    """The JSON result: both sides, each figure's after / before, and the largest difference
-    between their image features."""
+    """The JSON result: both sides, each figure's after / before, the largest difference
+    between their image features, and the commits between them that changed an algorithm."""
     return dict(
         machine=machine(), cpu=cpu(), command="python " + " ".join(sys.argv),
         before=before, after=after, image_features_max_abs_difference=feature_difference,
+        algorithm_commits=algorithm_commits(before["commit"], after["commit"]),
         ratio=dict(install=ratio(after["install_s"], before["install_s"]),
                    make_run=ratio(after["make_run_s"], before["make_run_s"]),
                    install_and_make_run=ratio(after["install_s"] + after["make_run_s"],
@@ -152,7 +163,11 @@ def markdown(result):
               f"{result['image_features_max_abs_difference']}. The results tables are "
               + ("identical." if result["same_results_table"] else "DIFFERENT:"), ""]
     if not result["same_results_table"]:
-        lines += ["Before:", "", "```", before["results_table"], "```", "", "After:", "", "```",
+        lines += [f"Commits after {before['commit'][:7]} up to {after['commit'][:7]} that changed an algorithm "
+                  f"file ({', '.join(ALGORITHM_FILES)}), where the difference can come from:", ""]
+        lines += [f"- {commit if len(commit) <= 160 else commit[:157] + '...'}"
+                  for commit in result["algorithm_commits"] or ["none"]]
+        lines += ["", "Before:", "", "```", before["results_table"], "```", "", "After:", "", "```",
                   after["results_table"], "```", ""]
     else:
         lines += ["```", after["results_table"], "```", ""]
