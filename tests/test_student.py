@@ -45,7 +45,6 @@ def test_the_last_column_updated_is_an_exact_minimiser(max_level, soft_constrain
         assert objective(u, v, flipped, s, omega, gamma, scale, offset) >= best - 1e-9
 
 
-
 @pytest.mark.parametrize("start", ["random", "zeros"])
 def test_dcc_sweep_equals_the_column_update_written_out(start):
     """dcc_sweep reads U^_c^T U_c from one Gram matrix; the same codes as the formula in the
@@ -62,6 +61,7 @@ def test_dcc_sweep_equals_the_column_update_written_out(start):
         argument = 2.0 * b[:, rest] @ (u[:, rest].T @ u[:, c] + v[:, rest].T @ v[:, c]) + q[:, c]
         b[:, c] = np.where(argument > 0, -1, np.where(argument < 0, 1, np.where(b[:, c] == 0, 1, b[:, c])))
     np.testing.assert_array_equal(dcc_sweep(codes, u, v, s, omega, gamma, scale, offset), b)
+
 
 def test_dcc_from_zero_codes_decides_every_bit():
     codes, u, v, s, omega, gamma, (scale, offset) = dcc_problem(3, soft_constraint=True)

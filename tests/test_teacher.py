@@ -35,7 +35,6 @@ def test_fit_lowers_the_loss_and_is_deterministic(tmp_path):
     assert saved_config["bits"] == 8
 
 
-
 def test_the_fused_optimiser_trains_the_same_weights_as_plain_sgd(monkeypatch):
     """fit's fused SGD is a speed-up only: the weights equal those of torch's per-operation SGD
     bit for bit, so results and caches made before it still hold."""
@@ -49,6 +48,7 @@ def test_the_fused_optimiser_trains_the_same_weights_as_plain_sgd(monkeypatch):
     plain = fit(image, text, config)
     for a, b in zip(fused.parameters(), plain.parameters()):
         assert torch.equal(a, b)
+
 
 @pytest.mark.parametrize("image,text,message", [
     (np.zeros((5, 3)), np.zeros((4, 3)), "5 image rows but 4 text rows"),
